@@ -1,0 +1,177 @@
+"""make_app(config): the aiohttp application, its client sessions, its token manager, its routes.
+
+Two client sessions live for the life of the app, created and closed in ``cleanup_ctx``: one pooled
+session for the upstream and a small one for the identity provider, so that a token refresh never
+queues behind a hundred streaming downloads for a connection.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .access import Guard
+from .config import Config
+from .errors import SidecarError
+from .forward import Forwarder, error_response
+from .idp import IdentityProvider
+from .observability import Metrics, event
+from .tokens import TokenManager
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+TOKENS = web.AppKey("tokens", TokenManager)
+IDP = web.AppKey("idp", IdentityProvider)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+GUARD = web.AppKey("guard", Guard)
+
+IDP_POOL_SIZE = 4
+CLIENT_READ_BUFSIZE = 2**18
+# Headers aiohttp's client would add on its own; the client's own values are forwarded instead.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def ssl_context(ca_file: str) -> ssl.SSLContext:
+    """The system trust store plus ``ca_file``; verification is always on."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def make_app(config: Config, **manager_options: Any) -> web.Application:
+    """The proxy as an aiohttp application. ``manager_options`` go to TokenManager (tests: backoff)."""
+    app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[GUARD] = Guard(config.listen, config.access)
+    app.cleanup_ctx.append(_clients(manager_options))
+
+    for name, handler in (
+        ("healthy", _healthy),
+        ("ready", _ready),
+        ("status", _status),
+        ("metrics", _metrics),
+    ):
+        app.router.add_route("*", f"/-/{name}", _reserved(handler, private=name in ("status", "metrics")))
+    app.router.add_route("*", "/{tail:.*}", _forward)
+    return app
+
+
+def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def clients(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        context = ssl_context(config.upstream.ca_file)
+        upstream = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.upstream.pool_size, ssl=context, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=config.upstream.timeout_s, connect=config.upstream.connect_timeout_s),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            read_bufsize=CLIENT_READ_BUFSIZE,
+            trust_env=False,
+        )
+        idp_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=IDP_POOL_SIZE, ssl=context),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        idp = IdentityProvider(idp_session, config.auth, config.inject)
+        tokens = TokenManager(
+            idp, refresh_margin_s=config.auth.refresh_margin_s, metrics=app[METRICS], **manager_options
+        )
+        app[IDP] = idp
+        app[TOKENS] = tokens
+        app[FORWARDER] = Forwarder(config, upstream, tokens, app[METRICS], app[GUARD])
+        tokens.start()
+        try:
+            yield
+        finally:
+            await tokens.close(revoke=config.auth.revoke_on_shutdown)
+            await upstream.close()
+            await idp_session.close()
+
+    return clients
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER].handle(request)
+
+
+def _reserved(handler: Callable[[web.Request], web.Response], private: bool) -> Callable[[web.Request], Any]:
+    """Wrap a /-/ handler: the listener rules always apply; the API key for status and metrics."""
+
+    async def reserved(request: web.Request) -> web.StreamResponse:
+        guard = request.app[GUARD]
+        try:
+            guard.check_listener(request)
+            if private:
+                guard.check_api_key(request)
+        except SidecarError as exc:
+            return error_response(exc)
+        if request.method not in ("GET", "HEAD"):
+            return web.json_response(
+                {"error": "method_not_allowed", "detail": f"{request.path} answers GET only"},
+                status=405,
+                headers={"Allow": "GET, HEAD"},
+            )
+        return handler(request)
+
+    return reserved
+
+
+def _healthy(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _ready(request: web.Request) -> web.Response:
+    tokens = request.app[TOKENS]
+    token = tokens.usable()
+    if token is not None:
+        return web.json_response(
+            {
+                "ready": True,
+                "state": tokens.phase.value,
+                "token_expires_in_s": round(token.expires_at - tokens._clock(), 1),
+            }
+        )
+    reason = tokens.reason()
+    return web.json_response(
+        {"ready": False, "state": tokens.phase.value, "error": "no_token", "detail": reason, "reason": reason},
+        status=503,
+        headers={"Retry-After": str(round(tokens.retry_after()))},
+    )
+
+
+def _status(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body = {
+        "service": "oauth-sidecar",
+        "version": __version__,
+        "provider": config.auth.provider,
+        "grant_type": config.auth.grant_type,
+        "upstream": config.upstream.url,
+        **request.app[TOKENS].status(),
+    }
+    return web.json_response(body)
+
+
+def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def log_startup(config: Config) -> None:
+    event(
+        "sidecar.starting",
+        version=__version__,
+        provider=config.auth.provider,
+        upstream=config.upstream.url,
+        grant_type=config.auth.grant_type,
+    )

@@ -1,0 +1,230 @@
+"""The command line: parse arguments, load the configuration, set up logging, run. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .app import log_startup, make_app, ssl_context
+from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
+from .demo import DemoAPI, DemoIdP
+from .errors import ConfigError, TokenRejected, TokenUnavailable
+from .idp import IdentityProvider
+from .observability import event, setup_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="oauth-sidecar",
+        description="A local reverse proxy that logs in to an OAuth identity provider, keeps the access "
+        "token fresh and injects it into every request it forwards.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration file (default: $OAUTH_SIDECAR_CONFIG, else ./config.toml, else the environment alone)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration, log in once, print the token's subject and expiry, exit",
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="run against a built-in demo identity provider and demo API (no credentials needed)",
+    )
+    parser.add_argument("--port", type=int, metavar="N", help="listen on this port (overrides listen.port)")
+    parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = parse_args(argv)
+    env = os.environ if env is None else env
+    try:
+        if args.dev:
+            return _run(_dev(args, env))
+        config = load_config(resolve_config_path(args.config, env), env)
+        if args.port is not None:
+            config = _with_port(config, args.port)
+    except ConfigError as exc:
+        print(f"oauth-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log.level, config.log.format, config.secrets())
+    if args.check:
+        return _run(check(config))
+    return _run(serve(config))
+
+
+def _run(main_coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (the `fast` extra), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main_coro)
+
+
+def _with_port(config: Config, port: int) -> Config:
+    from dataclasses import replace
+
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port", "must be between 0 and 65535", "command line")
+    return replace(config, listen=replace(config.listen, port=port))
+
+
+async def serve(
+    config: Config,
+    *,
+    on_listening: Callable[[str], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); drain in-flight requests; exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log_startup(config)
+    runner = web.AppRunner(
+        make_app(config),
+        access_log=None,  # we log requests ourselves, without query strings
+        handler_cancellation=True,  # a client that disconnects cancels its upstream request
+        shutdown_timeout=config.listen.shutdown_grace_s,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=config.listen.max_connections)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(
+            f"oauth-sidecar: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    url = _listen_url(runner, config)
+    event("sidecar.listening", url=url)
+    _warn_if_exposed(config)
+    if on_listening is not None:
+        result = on_listening(url)
+        if asyncio.iscoroutine(result):
+            await result
+    await stop.wait()
+    event("sidecar.stopping", grace_s=config.listen.shutdown_grace_s)
+    await runner.cleanup()
+    event("sidecar.stopped")
+    return EXIT_OK
+
+
+def _listen_url(runner: web.AppRunner, config: Config) -> str:
+    port = config.listen.port
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            port = address[1]
+            break
+    host = config.listen.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{port}"
+
+
+def _warn_if_exposed(config: Config) -> None:
+    access = config.access
+    if not is_loopback_host(config.listen.host) and not (access.api_key or access.allow_clients):
+        event(
+            "sidecar.exposed",
+            level=logging.WARNING,
+            detail=f"listening on {config.listen.host}, beyond loopback, with neither access.api_key nor "
+            "access.allow_clients set: anyone who can reach this port can call the API as this account",
+        )
+
+
+async def check(config: Config) -> int:
+    """Log in once and print who we are and until when; never the token."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=ssl_context(config.upstream.ca_file)),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    async with session:
+        idp = IdentityProvider(session, config.auth, config.inject)
+        try:
+            token = await idp.login()
+        except (TokenRejected, TokenUnavailable) as exc:
+            print(f"oauth-sidecar: check failed: {exc.detail}", file=sys.stderr)
+            return EXIT_FAILURE
+    import time
+
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.wall_expires_at))
+    print(
+        f"ok: logged in to {config.auth.provider} as {token.subject or '(no subject)'}; token {token.id} "
+        f"expires in {token.lifetime:.0f}s (at {expires}); "
+        f"refresh token: {'yes' if token.refresh_token else 'no'}"
+    )
+    return EXIT_OK
+
+
+async def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """The embedded default: demo identity provider and demo API on loopback, the proxy in front."""
+    idp = DemoIdP(access_lifetime_s=DEV_ACCESS_LIFETIME_S)
+    api = DemoAPI(idp)
+    runners = []
+    urls = []
+    for app in (idp.app(), api.app()):
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    idp.base_url = urls[0]
+    port = args.port if args.port is not None else int(env.get("OAUTH_SIDECAR_LISTEN_PORT", "8360"))
+    config = config_from_mapping(
+        {
+            "listen": {"port": port},
+            "upstream": {"url": urls[1]},
+            "auth": {
+                "provider": "keycloak",
+                "token_url": idp.token_url(),
+                "client_id": "demo-client",
+                "username": "demo",
+                "password": "demo",
+            },
+        },
+        source="--dev",
+    )
+    setup_logging(
+        env.get("OAUTH_SIDECAR_LOG_LEVEL", "info"), env.get("OAUTH_SIDECAR_LOG_FORMAT", "text"), config.secrets()
+    )
+
+    def announce(url: str) -> None:
+        print(
+            f"oauth-sidecar --dev: demo identity provider at {urls[0]}, demo API at {urls[1]}\n"
+            f"proxy listening on {url} (user 'demo', tokens live {DEV_ACCESS_LIFETIME_S:.0f}s)\n"
+            f"try:  curl {url}/v1/hello\n"
+            f"      curl '{url}/v1/report?rows=5'\n"
+            f"      curl {url}/-/status",
+            flush=True,
+        )
+
+    try:
+        return await serve(config, on_listening=announce)
+    finally:
+        for runner in runners:
+            await runner.cleanup()

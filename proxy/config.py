@@ -1,0 +1,575 @@
+"""Configuration: TOML, then environment overrides, then ``*_file`` secrets, into frozen dataclasses.
+
+Every key, its type and its default is in :data:`SCHEMA`; every check is in :func:`_validate`.
+Whatever is wrong raises one :class:`~proxy.errors.ConfigError` naming the source (file or
+environment variable), the key and the problem, before anything starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .providers import PRESETS, Preset
+
+ENV_PREFIX = "OAUTH_SIDECAR_"
+ENV_CONFIG_PATH = "OAUTH_SIDECAR_CONFIG"
+DEFAULT_CONFIG_PATH = "config.toml"
+SECRET_KEYS = {
+    ("auth", "password"),
+    ("auth", "client_secret"),
+    ("auth", "refresh_token"),
+    ("auth", "code"),
+    ("access", "api_key"),
+}
+GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPBACK_NAMES = ("localhost",)
+
+# section -> key -> (type, default). `float` accepts integers too.
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "listen": {
+        "host": (str, "127.0.0.1"),
+        "port": (int, 8360),
+        "allowed_hosts": (list, []),
+        "shutdown_grace_s": (float, 30.0),
+        "max_connections": (int, 1024),
+    },
+    "upstream": {
+        "url": (str, ""),
+        "timeout_s": (float, 300.0),
+        "connect_timeout_s": (float, 10.0),
+        "ca_file": (str, ""),
+        "pool_size": (int, 100),
+        "replay_limit_bytes": (int, 65536),
+    },
+    "auth": {
+        "provider": (str, "we360"),
+        "token_url": (str, ""),
+        "issuer": (str, ""),
+        "grant_type": (str, "password"),
+        "client_id": (str, ""),
+        "client_secret": (str, ""),
+        "username": (str, ""),
+        "password": (str, ""),
+        "refresh_token": (str, ""),
+        "code": (str, ""),
+        "redirect_uri": (str, ""),
+        "scope": (str, ""),
+        "body": (str, "form"),
+        "client_auth": (str, "body"),
+        "refresh_margin_s": (float, 60.0),
+        "default_lifetime_s": (float, 36000.0),
+        "revoke_on_shutdown": (bool, False),
+        "revoke_url": (str, ""),
+        "logout_url": (str, ""),
+        "timeout_s": (float, 30.0),
+        "extra": (dict, {}),
+    },
+    "inject": {
+        "header": (str, "Authorization"),
+        "value": (str, "Bearer {token}"),
+    },
+    "access": {
+        "allow_methods": (list, []),
+        "allow_paths": (list, []),
+        "api_key": (str, ""),
+        "allow_origins": (list, []),
+        "allow_clients": (list, []),
+    },
+    "log": {
+        "level": (str, "info"),
+        "format": (str, "text"),
+        "access_log": (bool, True),
+    },
+}
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8360
+    allowed_hosts: tuple[str, ...] = ()
+    shutdown_grace_s: float = 30.0
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = ""
+    timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    ca_file: str = ""
+    pool_size: int = 100
+    replay_limit_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    provider: str = "we360"
+    token_url: str = ""
+    issuer: str = ""
+    grant_type: str = "password"
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    username: str = ""
+    password: str = field(default="", repr=False)
+    refresh_token: str = field(default="", repr=False)
+    code: str = field(default="", repr=False)
+    redirect_uri: str = ""
+    scope: str = ""
+    body: str = "form"
+    client_auth: str = "body"
+    refresh_margin_s: float = 60.0
+    default_lifetime_s: float = 36000.0
+    revoke_on_shutdown: bool = False
+    revoke_url: str = ""
+    logout_url: str = ""
+    timeout_s: float = 30.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+    auth_string: bool = False  # from the preset: send base64(username:password) as auth_string
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    header: str = "Authorization"
+    value: str = "Bearer {token}"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    allow_methods: tuple[str, ...] = ()
+    allow_paths: tuple[str, ...] = ()
+    api_key: str = field(default="", repr=False)
+    allow_origins: tuple[str, ...] = ()
+    allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""  # where the configuration came from, for messages
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value (for the log redaction safety net)."""
+        values = [
+            self.auth.password,
+            self.auth.client_secret,
+            self.auth.refresh_token,
+            self.auth.code,
+            self.access.api_key,
+        ]
+        return [v for v in values if v]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+class _Raw:
+    """Raw values per (section, key), each remembering where it came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], Any] = {}
+        self.origin: dict[tuple[str, str], str] = {}
+
+    def set(self, section: str, key: str, value: Any, origin: str) -> None:
+        self.values[(section, key)] = value
+        self.origin[(section, key)] = origin
+
+    def pop(self, section: str, key: str) -> None:
+        self.values.pop((section, key), None)
+        self.origin.pop((section, key), None)
+
+    def has(self, section: str, key: str) -> bool:
+        return (section, key) in self.values
+
+
+def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> Path | None:
+    """``--config``, else ``$OAUTH_SIDECAR_CONFIG``, else ``./config.toml`` if it exists, else None."""
+    if cli_path:
+        return Path(cli_path)
+    if env.get(ENV_CONFIG_PATH):
+        return Path(env[ENV_CONFIG_PATH])
+    default = Path(DEFAULT_CONFIG_PATH)
+    return default if default.is_file() else None
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (TOML, optional), apply the environment, read secret files, validate."""
+    env = os.environ if env is None else env
+    raw = _Raw()
+    source = "environment"
+    if path is not None:
+        source = str(path)
+        _read_toml(Path(path), raw)
+    _read_env(env, raw)
+    return _build(raw, source)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<built-in>") -> Config:
+    """Build a Config from a TOML-shaped mapping (used by --dev and tests)."""
+    raw = _Raw()
+    _read_tables(data, raw, source)
+    return _build(raw, source)
+
+
+def _read_toml(path: Path, raw: _Raw) -> None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", "file not found", str(path)) from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read file ({exc.strerror})", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", "file is not UTF-8 text", str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"not valid TOML ({exc})", str(path)) from None
+    _read_tables(data, raw, str(path))
+
+
+def _read_tables(data: Mapping[str, Any], raw: _Raw, source: str) -> None:
+    for section, table in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"[{section}]", f"unknown section (known: {', '.join(SCHEMA)})", source)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{section}]", "must be a table", source)
+        for key, value in table.items():
+            name, is_file = _key_name(section, key)
+            if name is None:
+                raise ConfigError(f"{section}.{key}", _unknown_key_hint(section), source)
+            if is_file:
+                if not isinstance(value, str):
+                    raise ConfigError(f"{section}.{key}", "must be a file path (string)", source)
+                value = _FileRef(value)
+            if raw.has(section, name):  # both `password` and `password_file` in one table
+                raise ConfigError(f"{section}.{key}", f"give either {name} or {name}_file, not both", source)
+            raw.set(section, name, value, source)
+
+
+class _FileRef:
+    """A secret to be read from a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def _key_name(section: str, key: str) -> tuple[str | None, bool]:
+    if key in SCHEMA[section]:
+        return key, False
+    if key.endswith("_file") and (section, key[: -len("_file")]) in SECRET_KEYS:
+        return key[: -len("_file")], True
+    return None, False
+
+
+def _unknown_key_hint(section: str) -> str:
+    return f"unknown key (known in [{section}]: {', '.join(SCHEMA[section])})"
+
+
+def _read_env(env: Mapping[str, str], raw: _Raw) -> None:
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG_PATH:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        origin = f"environment variable {var}"
+        if section not in SCHEMA or not key:
+            raise ConfigError(var, f"unknown variable (sections: {', '.join(SCHEMA)})", "environment")
+        name, is_file = _key_name(section, key)
+        if name is None:
+            raise ConfigError(var, _unknown_key_hint(section), "environment")
+        raw.pop(section, name)
+        if is_file:
+            raw.set(section, name, _FileRef(text), origin)
+        else:
+            raw.set(section, name, _parse_env_value(var, text, SCHEMA[section][name][0]), origin)
+
+
+def _parse_env_value(var: str, text: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is list:
+            stripped = text.strip()
+            if stripped.startswith("["):
+                value = json.loads(stripped)
+                if not isinstance(value, list):
+                    raise ValueError
+                return value
+            return [part.strip() for part in stripped.split(",") if part.strip()]
+        if kind is dict:
+            value = json.loads(text) if text.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except ValueError:
+        shapes = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            list: "a comma-separated list or a JSON array",
+            dict: "a JSON object",
+        }
+        raise ConfigError(var, f"must be {shapes[kind]}", "environment") from None
+    return text
+
+
+def _read_secret_file(ref: _FileRef, section: str, key: str, origin: str) -> str:
+    try:
+        return Path(ref.path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{section}.{key}_file", f"cannot read {ref.path!r} ({reason})", origin) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{section}.{key}_file", f"{ref.path!r} is not UTF-8 text", origin) from None
+
+
+def _typed(raw: _Raw, section: str, key: str) -> Any:
+    """The value of section.key, type-checked, or its default."""
+    kind, default = SCHEMA[section][key]
+    if not raw.has(section, key):
+        return default
+    value = raw.values[(section, key)]
+    origin = raw.origin[(section, key)]
+    if isinstance(value, _FileRef):
+        return _read_secret_file(value, section, key, origin)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        names = {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            list: "a list",
+            dict: "a table",
+        }
+        raise ConfigError(f"{section}.{key}", f"must be {names[kind]}, got {type(value).__name__}", origin)
+    return value
+
+
+def _build(raw: _Raw, source: str) -> Config:
+    values: dict[str, dict[str, Any]] = {s: {k: _typed(raw, s, k) for k in keys} for s, keys in SCHEMA.items()}
+
+    def where(section: str, key: str) -> str:
+        return raw.origin.get((section, key), source)
+
+    def fail(section: str, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{section}.{key}", problem, where(section, key))
+
+    auth = values["auth"]
+    preset = PRESETS.get(auth["provider"])
+    if preset is None:
+        raise fail("auth", "provider", f"unknown provider {auth['provider']!r} (known: {', '.join(PRESETS)})")
+    # The preset fills whatever the user did not set.
+    for key, value in preset.auth.items():
+        if not raw.has("auth", key):
+            auth[key] = value
+    if not raw.has("upstream", "url") and preset.upstream_url:
+        values["upstream"]["url"] = preset.upstream_url
+    if not raw.has("inject", "header"):
+        values["inject"]["header"] = preset.inject_header
+    if not raw.has("inject", "value"):
+        values["inject"]["value"] = preset.inject_value
+    auth["auth_string"] = preset.auth_string
+
+    _validate(values, preset, raw, fail)
+    upstream_url = values["upstream"]["url"].rstrip("/")
+    values["upstream"]["url"] = upstream_url
+    if not auth["token_url"] and preset.token_path:
+        auth["token_url"] = upstream_url + preset.token_path
+    if preset.keycloak and auth["token_url"].endswith("/token"):
+        base = auth["token_url"][: -len("/token")]
+        auth["logout_url"] = auth["logout_url"] or base + "/logout"
+        auth["revoke_url"] = auth["revoke_url"] or base + "/revoke"
+
+    access = values["access"]
+    return Config(
+        listen=ListenConfig(
+            host=values["listen"]["host"],
+            port=values["listen"]["port"],
+            allowed_hosts=tuple(h.lower() for h in values["listen"]["allowed_hosts"]),
+            shutdown_grace_s=values["listen"]["shutdown_grace_s"],
+            max_connections=values["listen"]["max_connections"],
+        ),
+        upstream=UpstreamConfig(**values["upstream"]),
+        auth=AuthConfig(**{**auth, "extra": {str(k): str(v) for k, v in auth["extra"].items()}}),
+        inject=InjectConfig(**values["inject"]),
+        access=AccessConfig(
+            allow_methods=tuple(m.upper() for m in access["allow_methods"]),
+            allow_paths=tuple(access["allow_paths"]),
+            api_key=access["api_key"],
+            allow_origins=tuple(o.rstrip("/").lower() for o in access["allow_origins"]),
+            allow_clients=tuple(ipaddress.ip_network(c, strict=False) for c in access["allow_clients"]),
+        ),
+        log=LogConfig(**values["log"]),
+        source=source,
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> str | None:
+    """Why ``url`` is not acceptable as a token endpoint or upstream, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return f"not a valid URL: {url!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an https:// URL, got {url!r}"
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        return f"http:// is only allowed for a loopback host; use https:// ({url!r})"
+    if parts.username or parts.password:
+        return "must not contain credentials; use the [auth] keys"
+    if parts.query or parts.fragment:
+        return "must not contain a query string or fragment"
+    return None
+
+
+def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail: Any) -> None:
+    listen, upstream, auth = values["listen"], values["upstream"], values["auth"]
+    inject, access, log = values["inject"], values["access"], values["log"]
+
+    if not 0 <= listen["port"] <= 65535:
+        raise fail("listen", "port", "must be between 0 and 65535")
+    if not listen["host"]:
+        raise fail("listen", "host", "must not be empty")
+    for key in ("shutdown_grace_s",):
+        if listen[key] < 0:
+            raise fail("listen", key, "must not be negative")
+    if listen["max_connections"] < 1:
+        raise fail("listen", "max_connections", "must be at least 1")
+    _check_strings(listen, "listen", "allowed_hosts", fail)
+
+    if not upstream["url"]:
+        raise fail("upstream", "url", "required: the API every request is forwarded to")
+    if problem := check_url(upstream["url"]):
+        raise fail("upstream", "url", problem)
+    for key in ("timeout_s", "connect_timeout_s"):
+        if upstream[key] <= 0:
+            raise fail("upstream", key, "must be greater than 0")
+    if upstream["pool_size"] < 1:
+        raise fail("upstream", "pool_size", "must be at least 1")
+    if upstream["replay_limit_bytes"] < 0:
+        raise fail("upstream", "replay_limit_bytes", "must not be negative")
+    if upstream["ca_file"] and not Path(upstream["ca_file"]).is_file():
+        raise fail("upstream", "ca_file", f"no such file: {upstream['ca_file']!r}")
+
+    grant = auth["grant_type"]
+    if grant == "implicit":
+        raise fail(
+            "auth",
+            "grant_type",
+            "implicit is not supported: it is a browser-only flow that returns the token in a URL "
+            "and gives no refresh token; use authorization_code, password or client_credentials",
+        )
+    if grant not in GRANT_TYPES:
+        raise fail("auth", "grant_type", f"must be one of {', '.join(GRANT_TYPES)}, got {grant!r}")
+    if auth["body"] not in ("form", "json"):
+        raise fail("auth", "body", f"must be form or json, got {auth['body']!r}")
+    if auth["client_auth"] not in ("body", "basic"):
+        raise fail("auth", "client_auth", f"must be body or basic, got {auth['client_auth']!r}")
+    for key in ("token_url", "issuer", "revoke_url", "logout_url"):
+        if auth[key] and (problem := check_url(auth[key])):
+            raise fail("auth", key, problem)
+    if not auth["token_url"] and not preset.token_path and not (preset.keycloak and auth["issuer"]):
+        hint = " or issuer" if preset.keycloak else ""
+        raise fail("auth", "token_url", f"required for provider {preset.name!r} (give token_url{hint})")
+    if auth["refresh_margin_s"] < 0:
+        raise fail("auth", "refresh_margin_s", "must not be negative")
+    for key in ("default_lifetime_s", "timeout_s"):
+        if auth[key] <= 0:
+            raise fail("auth", key, "must be greater than 0")
+    for name, value in auth["extra"].items():
+        if not isinstance(value, str | int | float | bool):
+            raise fail("auth", "extra", f"value of {name!r} must be a string or number")
+
+    needs = {
+        "password": ("username", "password"),
+        "client_credentials": ("client_id",),
+        "refresh_token": ("refresh_token",),
+        "authorization_code": ("code",),
+    }[grant]
+    if preset.auth_string:
+        needs = (*needs, "username", "password")
+    for key in (*needs, *preset.required):
+        if not auth.get(key):
+            hint = preset.required.get(key, "")
+            problem = f"required for grant_type {grant}" + (f": {hint}" if hint else "")
+            if key in preset.required and key not in needs:
+                problem = f"required for provider {preset.name}: {hint}"
+            if (("auth", key)) in SECRET_KEYS:
+                problem += f" (or {key}_file, or OAUTH_SIDECAR_AUTH_{key.upper()}[_FILE])"
+            raise fail("auth", key, problem)
+
+    if "{token}" not in inject["value"]:
+        raise fail("inject", "value", "must contain {token}")
+    if not inject["header"] or any(c in inject["header"] for c in " :\r\n\t"):
+        raise fail("inject", "header", f"not a valid header name: {inject['header']!r}")
+
+    _check_strings(access, "access", "allow_methods", fail)
+    _check_strings(access, "access", "allow_paths", fail)
+    _check_strings(access, "access", "allow_origins", fail)
+    _check_strings(access, "access", "allow_clients", fail)
+    for path in access["allow_paths"]:
+        if not path.startswith("/"):
+            raise fail("access", "allow_paths", f"each entry must start with '/', got {path!r}")
+    for origin in access["allow_origins"]:
+        if origin == "*":
+            raise fail("access", "allow_origins", "'*' is not allowed: list each origin, e.g. https://app.example")
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise fail("access", "allow_origins", f"each entry must look like https://host[:port], got {origin!r}")
+    for cidr in access["allow_clients"]:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise fail("access", "allow_clients", f"not an IP address or CIDR: {cidr!r}") from None
+    if log["level"].lower() not in LOG_LEVELS:
+        raise fail("log", "level", f"must be one of {', '.join(LOG_LEVELS)}, got {log['level']!r}")
+    log["level"] = log["level"].lower()
+    if log["format"] not in ("text", "json"):
+        raise fail("log", "format", f"must be text or json, got {log['format']!r}")
+
+
+def _check_strings(table: dict[str, Any], section: str, key: str, fail: Any) -> None:
+    if not all(isinstance(item, str) for item in table[key]):
+        raise fail(section, key, "must be a list of strings")

@@ -1,0 +1,353 @@
+"""Talking to the identity provider: login, refresh and end-of-session, each returning a Token.
+
+Every failure leaves this module as one of two errors:
+
+* :class:`TokenRejected`: the provider answered 4xx (wrong password, dead refresh token, unknown
+  client). Retrying soon would not help and, for logins, would lock the account.
+* :class:`TokenUnavailable`: unreachable, timeout, 5xx, 429, or a response we cannot use (not JSON,
+  no ``access_token``, a token type we cannot send). Worth retrying with backoff.
+
+Nothing raised here carries a credential: messages are built from status codes, the provider's
+``error`` / ``error_description`` and our own words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import jwt
+
+from .config import AuthConfig, InjectConfig, check_url
+from .errors import TokenRejected, TokenUnavailable
+from .observability import event
+from .state import Token
+
+TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
+# Statuses that mean "later", not "no".
+TRANSIENT_STATUSES = {408, 425, 429}
+MAX_DESCRIPTION = 200
+MAX_ERROR_BODY = 64 * 1024
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+SUPPORTED_TOKEN_TYPES = {"bearer"}
+
+
+@dataclass
+class Endpoints:
+    token: str
+    logout: str = ""  # Keycloak: ends the whole session with the refresh token
+    revoke: str = ""  # RFC 7009
+
+
+class IdentityProvider:
+    """The token endpoint of one provider, spoken in its dialect (``[auth]``)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth: AuthConfig,
+        inject: InjectConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._inject = inject
+        self._clock = clock
+        self._wall = wall_clock
+        self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
+        self._endpoints: Endpoints | None = None
+        if auth.token_url:
+            self._endpoints = Endpoints(auth.token_url, auth.logout_url, auth.revoke_url)
+        self.code_used = False
+
+    # --- grants ----------------------------------------------------------------------------------
+
+    async def login(self) -> Token:
+        """Obtain a token with the configured grant."""
+        a = self._auth
+        fields: dict[str, str] = {"grant_type": a.grant_type}
+        if a.grant_type == "password":
+            fields.update(username=a.username, password=a.password)
+        elif a.grant_type == "refresh_token":
+            fields["refresh_token"] = a.refresh_token
+        elif a.grant_type == "authorization_code":
+            if self.code_used:
+                raise TokenRejected(
+                    "invalid_grant", "the authorization code was already exchanged; configure a new one", 400
+                )
+            fields["code"] = a.code
+        if a.auth_string:
+            fields["auth_string"] = base64.b64encode(f"{a.username}:{a.password}".encode()).decode()
+            fields.pop("username", None)
+            fields.pop("password", None)
+        if a.redirect_uri:
+            fields["redirect_uri"] = a.redirect_uri
+        if a.scope:
+            fields["scope"] = a.scope
+        token = await self._grant("login", fields, previous_refresh=None)
+        if a.grant_type == "authorization_code":
+            self.code_used = True
+        return token
+
+    async def refresh(self, current: Token) -> Token:
+        """Exchange ``current.refresh_token`` for a new token (the refresh token may rotate)."""
+        if not current.refresh_token:
+            raise TokenRejected("invalid_request", "no refresh token is held", 400)
+        fields = {"grant_type": "refresh_token", "refresh_token": current.refresh_token}
+        if self._auth.scope:
+            fields["scope"] = self._auth.scope
+        return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
+
+    async def end_session(self, token: Token) -> str:
+        """End the session at the provider: Keycloak logout, else RFC 7009 revocation.
+
+        Returns what was done (``logout``, ``revoke``, or ``none`` when the provider offers neither).
+        """
+        endpoints = await self.endpoints()
+        if endpoints.logout and token.refresh_token:
+            url, fields, how = endpoints.logout, {"refresh_token": token.refresh_token}, "logout"
+        elif endpoints.revoke:
+            value = token.refresh_token or token.access_token
+            hint = "refresh_token" if token.refresh_token else "access_token"
+            url, fields, how = endpoints.revoke, {"token": value, "token_type_hint": hint}, "revoke"
+        else:
+            return "none"
+        status, _ = await self._post(url, fields, form_only=True)
+        if status >= 400:
+            raise TokenRejected(f"http_{status}", f"{how} endpoint answered {status}", status)
+        return how
+
+    # --- endpoints -------------------------------------------------------------------------------
+
+    async def endpoints(self) -> Endpoints:
+        """The token (and logout/revocation) endpoints; found by OpenID discovery once, when needed."""
+        if self._endpoints is None:
+            self._endpoints = await self._discover(self._auth.issuer.rstrip("/"))
+        return self._endpoints
+
+    async def _discover(self, issuer: str) -> Endpoints:
+        url = issuer + DISCOVERY_PATH
+        try:
+            async with self._session.get(url, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise TokenUnavailable(
+                        f"OpenID discovery at {url} answered {resp.status}", reason="discovery_failed"
+                    )
+                doc = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            raise TokenUnavailable(
+                f"OpenID discovery at {url} failed ({_describe_transport(exc)})", reason="discovery_failed"
+            ) from exc
+        token_url = doc.get("token_endpoint") if isinstance(doc, dict) else None
+        if not isinstance(token_url, str) or check_url(token_url):
+            raise TokenUnavailable(
+                f"OpenID discovery at {url} gave no usable token_endpoint", reason="discovery_failed"
+            )
+        found = Endpoints(
+            token=token_url,
+            logout=self._auth.logout_url or _url_or_empty(doc.get("end_session_endpoint")),
+            revoke=self._auth.revoke_url or _url_or_empty(doc.get("revocation_endpoint")),
+        )
+        event("idp.discovered", issuer=issuer, token_endpoint=token_url)
+        return found
+
+    # --- HTTP ------------------------------------------------------------------------------------
+
+    async def _grant(self, kind: str, fields: dict[str, str], previous_refresh: str | None) -> Token:
+        endpoints = await self.endpoints()
+        status, body = await self._post(endpoints.token, fields)
+        arrived = self._clock()
+        if status >= 300:
+            raise _error_from_response(status, body)
+        return self._parse_token(body, arrived, previous_refresh)
+
+    async def _post(self, url: str, fields: Mapping[str, str], form_only: bool = False) -> tuple[int, Any]:
+        """POST ``fields`` with client authentication; returns (status, parsed body or raw bytes)."""
+        a = self._auth
+        payload = dict(fields)
+        headers = {"Accept": "application/json"}
+        if a.client_auth == "basic" and a.client_secret:
+            pair = f"{quote(a.client_id, safe='')}:{quote(a.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        else:
+            if a.client_id:
+                payload["client_id"] = a.client_id
+            if a.client_secret:
+                payload["client_secret"] = a.client_secret
+        for key, value in a.extra.items():
+            payload.setdefault(key, value)
+        body_kind = "form" if form_only else a.body
+        headers["Content-Type"] = TOKEN_CONTENT_TYPES[body_kind]
+        data = json.dumps(payload) if body_kind == "json" else urlencode(payload)
+        try:
+            async with self._session.post(url, data=data, headers=headers, timeout=self._timeout) as resp:
+                raw = await resp.content.read(MAX_ERROR_BODY if resp.status >= 300 else -1)
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                status = resp.status
+        except TimeoutError as exc:
+            raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TokenUnavailable(
+                f"token endpoint unreachable ({_describe_transport(exc)})", reason="unreachable"
+            ) from exc
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw
+        if status in TRANSIENT_STATUSES or status >= 500:
+            raise _error_from_response(status, parsed, retry_after)
+        return status, parsed
+
+    # --- parsing ---------------------------------------------------------------------------------
+
+    def _parse_token(self, body: Any, arrived: float, previous_refresh: str | None) -> Token:
+        if not isinstance(body, dict):
+            raise TokenUnavailable(
+                "token endpoint answered 200 with a body that is not a JSON object", reason="invalid_response"
+            )
+        access = body.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise TokenUnavailable("token response has no access_token", reason="invalid_response")
+        if not access.isprintable() or any(c.isspace() for c in access):
+            raise TokenUnavailable(
+                "token response has an access_token with spaces or control characters", reason="invalid_response"
+            )
+        token_type = body.get("token_type")
+        if token_type is not None and str(token_type).lower() not in SUPPORTED_TOKEN_TYPES:
+            raise TokenUnavailable(
+                f"token_type {str(token_type)[:40]!r} is not supported (only Bearer tokens can be injected)",
+                reason="invalid_response",
+            )
+        claims = _jwt_claims(access)
+        lifetime = self._lifetime(body.get("expires_in"), claims)
+        refresh = body.get("refresh_token")
+        if not isinstance(refresh, str) or not refresh:
+            refresh = previous_refresh  # RFC 6749 §6: no new refresh token means keep the old one
+        refresh_expires_at = None
+        refresh_in = _number(body.get("refresh_expires_in"))
+        if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
+            refresh_expires_at = arrived + refresh_in
+        subject = claims.get("preferred_username") or claims.get("sub") or self._auth.username or self._auth.client_id
+        return Token(
+            access_token=access,
+            obtained_at=arrived,
+            expires_at=arrived + lifetime,
+            refresh_token=refresh,
+            refresh_expires_at=refresh_expires_at,
+            subject=str(subject),
+            scope=str(body.get("scope") or ""),
+            wall_expires_at=self._wall() + lifetime,
+            header_value=self._inject.value.replace("{token}", access),
+        )
+
+    def _lifetime(self, expires_in: Any, claims: dict[str, Any]) -> float:
+        """``expires_in``, else the JWT's ``exp`` (relative to its ``iat``), else the configured default."""
+        if expires_in is not None:
+            seconds = _number(expires_in)
+            if seconds is None:
+                raise TokenUnavailable(
+                    f"token response has an expires_in that is not a number ({str(expires_in)[:40]!r})",
+                    reason="invalid_response",
+                )
+            if seconds > 0:
+                return seconds
+        exp = _number(claims.get("exp"))
+        if exp is not None:
+            iat = _number(claims.get("iat"))
+            seconds = exp - iat if iat is not None else exp - self._wall()
+            if seconds > 0:
+                return seconds
+        return self._auth.default_lifetime_s
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified (we only read `exp`; we are not its audience), or {}."""
+    if token.count(".") != 2:
+        return {}
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number, or a string holding one (some providers send "3600"); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _clean(text: Any) -> str:
+    """A provider's text, made safe to log: printable, short."""
+    out = "".join(c if c.isprintable() else " " for c in str(text))
+    return out[:MAX_DESCRIPTION]
+
+
+def _error_from_response(status: int, body: Any, retry_after: float | None = None) -> Exception:
+    error = description = ""
+    if isinstance(body, dict):
+        error = _clean(body.get("error") or "")
+        description = _clean(body.get("error_description") or "")
+    if status == 429:
+        return TokenUnavailable(
+            f"token endpoint is rate limiting (429{': ' + error if error else ''})",
+            retry_after=retry_after,
+            reason="rate_limited",
+        )
+    if status in TRANSIENT_STATUSES or status >= 500:
+        shown = f"{error}: {description}" if error and description else error or "no OAuth error in the body"
+        return TokenUnavailable(
+            f"token endpoint answered {status} ({shown})", retry_after=retry_after, reason="server_error"
+        )
+    if not error:
+        kind = "a non-JSON body" if isinstance(body, bytes | bytearray) else "no OAuth error"
+        error = f"http_{status}"
+        description = description or f"token endpoint answered {status} with {kind}"
+    return TokenRejected(error, description, status)
+
+
+def _describe_transport(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate verification failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text[:MAX_DESCRIPTION]
+
+
+def _url_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) and not check_url(value) else ""

@@ -1,0 +1,197 @@
+"""Logs, events, metrics and redaction.
+
+Log lines are events with stable names (``token.login``, ``token.refreshed``, ``token.login_rejected``,
+``request``) and structured fields. A token is named by its fingerprint, never its value. On top of
+that, :class:`RedactingFilter` masks anything shaped like a JWT or equal to a configured secret in
+every record, as a safety net.
+
+Metrics use ``prometheus_client`` with one registry per app, so two apps in one process (tests,
+``--dev``) never share counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+LOGGER_NAME = "oauth_sidecar"
+log = logging.getLogger(LOGGER_NAME)
+access_log = logging.getLogger(LOGGER_NAME + ".access")
+
+MASK = "[REDACTED]"
+# Three base64url segments, the first starting like a JSON header ("eyJ"): a JWS/JWT.
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+# A credential after a scheme word, in case an Authorization header value slips into a message.
+BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+class Redactor:
+    """Masks JWT-shaped strings and configured secrets in text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        # Very short values would mask ordinary words; they are also not worth guessing.
+        self._secrets.extend(s for s in secrets if s and len(s) >= 4)
+        self._secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        text = JWT_RE.sub(MASK, text)
+        return BEARER_RE.sub(lambda m: f"{m.group(1)} {MASK}", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message and fields through a :class:`Redactor`."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redactor(record.getMessage())
+        record.args = None
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {k: self._clean(v) for k, v in fields.items()}
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redactor(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+    def _clean(self, value: Any) -> Any:
+        return self.redactor(value) if isinstance(value, str) else value
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-22T10:00:00Z info token.refreshed token=ab12 expires_in=299``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields = getattr(record, "fields", {}) or {}
+        extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        line = f"{stamp}Z {record.levelname.lower()} {record.getMessage()}"
+        line = f"{line} {extra}" if extra else line
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, event, logger, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        data.update(getattr(record, "fields", {}) or {})
+        if record.exc_text:
+            data["exception"] = record.exc_text
+        return json.dumps(data, default=str)
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def event(name: str, level: int = logging.INFO, logger: logging.Logger = log, **fields: Any) -> None:
+    """Log the event ``name`` with structured ``fields``."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"fields": fields})
+
+
+def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), stream: Any = None) -> Redactor:
+    """Send our loggers (and aiohttp's) to ``stream`` through the redaction filter."""
+    redactor = Redactor(secrets)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactingFilter(redactor))
+    for name in (LOGGER_NAME, "aiohttp"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(level.upper())
+    return redactor
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The sidecar's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.token_requests = Counter(
+            "oauth_sidecar_token_requests",
+            "Token endpoint requests by grant kind (login, refresh) and outcome (ok, rejected, failed).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.token_failures = Counter(
+            "oauth_sidecar_token_failures",
+            "Failed token requests by reason (the provider's error code, or unreachable, timeout, "
+            "server_error, rate_limited, invalid_response).",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "oauth_sidecar_token_expiry_seconds", "Seconds until the held access token expires.", registry=r
+        )
+        self.token_ready = Gauge(
+            "oauth_sidecar_token_ready", "1 when a usable access token is held, else 0.", registry=r
+        )
+        self.requests = Counter(
+            "oauth_sidecar_requests",
+            "Requests answered, by method and status class (2xx..5xx) and by who answered (upstream, proxy).",
+            ["method", "status", "source"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "oauth_sidecar_upstream_duration_seconds",
+            "Time from sending a request upstream to receiving its response headers.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("oauth_sidecar_requests_in_flight", "Requests being forwarded now.", registry=r)
+        self.auth_retries = Counter(
+            "oauth_sidecar_upstream_auth_retries",
+            "Requests retried after the upstream answered 401 with the current token.",
+            registry=r,
+        )
+        self.bytes_out = Counter("oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", registry=r)
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+
+    def count_request(self, method: str, status: int, source: str) -> None:
+        key = (method, status // 100, source)
+        child = self._request_children.get(key)  # type: ignore[arg-type]
+        if child is None:
+            label = method if method in _KNOWN_METHODS else "OTHER"
+            child = self.requests.labels(label, f"{status // 100}xx", source)
+            self._request_children[key] = child  # type: ignore[index]
+        child.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

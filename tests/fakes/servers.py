@@ -1,0 +1,72 @@
+"""Helpers that start the fakes and a proxy in front of them, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import make_app
+from proxy.config import Config, config_from_mapping
+from proxy.demo import DemoAPI, DemoIdP
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+ClientFactory = Callable[..., Awaitable[TestClient]]
+
+# Backoff policies that keep tests fast: a few tens of milliseconds instead of seconds or minutes.
+FAST_BACKOFF: dict[str, Any] = {
+    "transient_backoff": lambda attempt, rand, retry_after=None: 0.05,
+    "rejected_backoff": lambda attempt, rand: 0.2,
+}
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict):
+            out.setdefault(section, {}).update(values)
+        else:
+            out[section] = values
+    return out
+
+
+async def start_idp(aiohttp_server: ServerFactory, **options: Any) -> DemoIdP:
+    idp = DemoIdP(**options)
+    server = await aiohttp_server(idp.app())
+    idp.base_url = str(server.make_url("")).rstrip("/")
+    return idp
+
+
+async def start_api(aiohttp_server: ServerFactory, idp: DemoIdP, **options: Any) -> tuple[DemoAPI, str]:
+    api = DemoAPI(idp, **options)
+    server = await aiohttp_server(api.app())
+    return api, str(server.make_url("")).rstrip("/")
+
+
+async def start_app(aiohttp_server: ServerFactory, app: web.Application) -> str:
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A proxy config for the demo Keycloak-like provider, with per-section overrides."""
+    base = {
+        "listen": {"port": 0},
+        "upstream": {"url": upstream_url},
+        "auth": {
+            "provider": "keycloak",
+            "token_url": idp.token_url(),
+            "client_id": "demo-client",
+            "username": "demo",
+            "password": "demo",
+        },
+    }
+    return config_from_mapping(deep_merge(base, sections), source="test")
+
+
+async def start_proxy(aiohttp_client: ClientFactory, config: Config, **manager_options: Any) -> TestClient:
+    """The proxy app under a test client; backoffs are fast unless given."""
+    options = {**FAST_BACKOFF, **manager_options}
+    return await aiohttp_client(make_app(config, **options), server_kwargs={"handler_cancellation": True})
