@@ -1,8 +1,8 @@
 """make_app(config): the aiohttp application, its client sessions, its token manager, its routes.
 
-Two client sessions live for the life of the app, created and closed in ``cleanup_ctx``: one pooled
-session for the upstream and a small one for the identity provider, so that a token refresh never
-queues behind a hundred streaming downloads for a connection.
+Two clients live for the life of the app, created and closed in ``cleanup_ctx``: the upstream's
+connection pool (proxy/upstream.py) and a small aiohttp session for the identity provider, so that a
+token refresh never queues behind a hundred streaming downloads for a connection.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .forward import Forwarder, error_response
 from .idp import IdentityProvider
 from .observability import Metrics, event
 from .tokens import TokenManager
+from .upstream import Pool
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -31,9 +32,6 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 GUARD = web.AppKey("guard", Guard)
 
 IDP_POOL_SIZE = 4
-CLIENT_READ_BUFSIZE = 2**18
-# Headers aiohttp's client would add on its own; the client's own values are forwarded instead.
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -68,14 +66,12 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
     async def clients(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
         context = ssl_context(config.upstream.ca_file)
-        upstream = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.upstream.pool_size, ssl=context, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=config.upstream.timeout_s, connect=config.upstream.connect_timeout_s),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            read_bufsize=CLIENT_READ_BUFSIZE,
-            trust_env=False,
+        upstream = Pool(
+            config.upstream.url,
+            limit=config.upstream.pool_size,
+            connect_timeout_s=config.upstream.connect_timeout_s,
+            timeout_s=config.upstream.timeout_s,
+            ssl_context=context,
         )
         idp_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=IDP_POOL_SIZE, ssl=context),

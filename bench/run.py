@@ -1,0 +1,462 @@
+"""The benchmark: the sidecar against the upstream directly and against nginx as a reference proxy.
+
+    python -m bench.run [--duration 10] [--json bench/results.json] [--quick]
+
+Starts, all on 127.0.0.1: a fast upstream (nginx when installed, else a minimal aiohttp server)
+serving a 200-byte JSON body and a 100 MiB file; a fake identity provider (proxy.demo.DemoIdP,
+each token request slowed by 200 ms); the sidecar in front of the upstream; nginx as a reference
+proxy (one worker) when installed. On a machine with two or more cores the proxies are pinned to
+core 0 and the upstream, the identity provider and the load generator to core 1.
+
+Load comes from wrk when installed (``wrk -t1 -cN -dDs --latency``), else from bench/loadgen.py.
+It prints one table (req/s and p50/p99 at c=1 and c=64, streaming MB/s, RSS growth with 8 parallel
+100 MiB downloads, p99 while the token is refreshed every 2 s) and the ratios sidecar/nginx and
+sidecar/direct, all measured in this one run, and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import loadgen
+from bench.servers import SMALL_BODY
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG_BYTES = 100 * 1024 * 1024
+IDP_DELAY_S = 0.2  # every token request takes this long: a request that waited on it would show
+REFRESH_LIFETIME_S = 4.0  # refreshed at half its lifetime: every 2 s during the refresh run
+STEADY_LIFETIME_S = 3600.0
+PARALLEL_DOWNLOADS = 8
+READY_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_us: float
+    p99_us: float
+    errors: int = 0
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pid: int | None = None
+    c1: Load | None = None
+    c64: Load | None = None
+    stream_mb_s: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(core), *argv]
+    return argv
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = log.open("wb")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_http(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {url} did not answer 200 within {timeout_s:g}s")
+        time.sleep(0.1)
+
+
+def nginx_upstream_conf(tmp: Path, port: int) -> str:
+    body = SMALL_BODY.decode().replace("'", "")
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-upstream.pid;
+error_log {tmp}/nginx-upstream.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/up-body; proxy_temp_path {tmp}/up-proxy;
+  fastcgi_temp_path {tmp}/up-fcgi; uwsgi_temp_path {tmp}/up-uwsgi; scgi_temp_path {tmp}/up-scgi;
+  keepalive_requests 1000000;
+  sendfile on;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /small {{ default_type application/json; return 200 '{body}'; }}
+    location = /big {{ default_type application/octet-stream; alias {tmp}/big.bin; }}
+  }}
+}}
+"""
+
+
+def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-proxy.pid;
+error_log {tmp}/nginx-proxy.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/px-body; proxy_temp_path {tmp}/px-proxy;
+  fastcgi_temp_path {tmp}/px-fcgi; uwsgi_temp_path {tmp}/px-uwsgi; scgi_temp_path {tmp}/px-scgi;
+  keepalive_requests 1000000;
+  upstream api {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer static-token-for-the-reference-proxy";
+    }}
+  }}
+}}
+"""
+
+
+def sidecar_conf(tmp: Path, name: str, port: int, upstream_port: int, idp_port: int, access_log: bool) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(
+        f"""
+[listen]
+port = {port}
+[upstream]
+url = "http://127.0.0.1:{upstream_port}"
+[auth]
+provider = "keycloak"
+token_url = "http://127.0.0.1:{idp_port}/realms/demo/protocol/openid-connect/token"
+client_id = "demo-client"
+username = "demo"
+password = "demo"
+refresh_margin_s = 60
+[log]
+level = "info"
+access_log = {"true" if access_log else "false"}
+"""
+    )
+    return path
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+_WRK_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_WRK_ERRORS = re.compile(
+    r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+_UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def load(port: int, path: str, connections: int, duration_s: float) -> Load:
+    url = f"http://127.0.0.1:{port}{path}"
+    if shutil.which("wrk"):
+        out = subprocess.run(
+            pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency", url]),
+            capture_output=True,
+            text=True,
+            timeout=duration_s + 30,
+            check=True,
+        ).stdout
+        lat = {q: float(v) * _UNIT_US[u] for q, v, u in _WRK_LATENCY.findall(out)}
+        errors = 0
+        for m in _WRK_ERRORS.finditer(out):
+            errors += sum(int(g) for g in m.groups() if g)
+        return Load(float(_WRK_RPS.search(out).group(1)), lat["50"], lat["99"], errors)  # type: ignore[union-attr]
+    result = asyncio.run(loadgen.run("127.0.0.1", port, path, connections, duration_s))
+    return Load(result.rps, result.percentile(0.5) * 1e6, result.percentile(0.99) * 1e6, result.errors)
+
+
+def download(port: int) -> float:
+    """Seconds to download /big once (curl when installed: its own cost stays small)."""
+    url = f"http://127.0.0.1:{port}/big"
+    started = time.perf_counter()
+    if shutil.which("curl"):
+        out = subprocess.run(
+            pinned(1, ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", url]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        size = int(float(out))
+    else:
+        size = 0
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            while chunk := resp.read(1 << 20):
+                size += len(chunk)
+    elapsed = time.perf_counter() - started
+    if size != BIG_BYTES:
+        raise SystemExit(f"bench: download through port {port} gave {size} bytes, expected {BIG_BYTES}")
+    return elapsed
+
+
+def stream_mb_s(port: int, runs: int) -> float:
+    times = [download(port) for _ in range(runs)]
+    return BIG_BYTES / 1e6 / statistics.median(times)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_growth_during_downloads(port: int, pid: int) -> tuple[float, float]:
+    """(RSS before, peak RSS growth) in MiB while PARALLEL_DOWNLOADS downloads run at once."""
+    before = rss_bytes(pid)
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_bytes(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        threads = [threading.Thread(target=download, args=(port,)) for _ in range(PARALLEL_DOWNLOADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    finally:
+        stop.set()
+        sampler.join()
+    return before / 2**20, (peak - before) / 2**20
+
+
+def token_counters(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/status", timeout=5) as resp:
+        return dict(json.load(resp)["counters"])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="oauth-sidecar-bench-"))
+    tmp.chmod(0o755)  # nginx's workers run as another user when started as root
+    try:
+        with (tmp / "big.bin").open("wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(BIG_BYTES >> 20):
+                f.write(block)
+        python = sys.executable
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+        up_port = free_port()
+        if nginx:
+            (tmp / "upstream.conf").write_text(nginx_upstream_conf(tmp, up_port))
+            procs.start(pinned(1, [nginx, "-c", str(tmp / "upstream.conf")]), tmp / "upstream.log")
+            upstream_kind = "nginx"
+        else:
+            argv = [python, "-m", "bench.servers", "upstream", str(up_port), str(tmp)]
+            procs.start(pinned(1, argv), tmp / "upstream.log", env)
+            upstream_kind = "aiohttp"
+        wait_http(f"http://127.0.0.1:{up_port}/small")
+
+        targets: dict[str, Target] = {"direct": Target("direct", up_port)}
+        if nginx:
+            port = free_port()
+            (tmp / "proxy.conf").write_text(nginx_proxy_conf(tmp, port, up_port))
+            proc = procs.start(pinned(0, [nginx, "-c", str(tmp / "proxy.conf")]), tmp / "nginx-proxy.log")
+            wait_http(f"http://127.0.0.1:{port}/small")
+            targets["nginx"] = Target("nginx", port, proc.pid)
+
+        for name, lifetime, access in (
+            ("sidecar", STEADY_LIFETIME_S, args.access_log),
+            ("sidecar_refreshing", REFRESH_LIFETIME_S, args.access_log),
+        ):
+            idp_port = free_port()
+            procs.start(
+                pinned(1, [python, "-m", "bench.servers", "idp", str(idp_port), str(lifetime), str(IDP_DELAY_S)]),
+                tmp / f"{name}-idp.log",
+                env,
+            )
+            port = free_port()
+            conf = sidecar_conf(tmp, name, port, up_port, idp_port, access)
+            proc = procs.start(pinned(0, [python, "-m", "proxy", "--config", str(conf)]), tmp / f"{name}.log", env)
+            wait_http(f"http://127.0.0.1:{port}/-/ready")
+            targets[name] = Target(name, port, proc.pid)
+        yield {"targets": targets, "upstream": upstream_kind, "tmp": tmp, "nginx": bool(nginx)}
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"bench: logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    with environment(args) as env:
+        targets: dict[str, Target] = env["targets"]  # type: ignore[assignment]
+        d = args.duration
+        for t in targets.values():
+            if t.name == "sidecar_refreshing":
+                continue
+            load(t.port, "/small", 8, 1.0)  # warm up: connections, caches
+            t.c1 = load(t.port, "/small", 1, d)
+            t.c64 = load(t.port, "/small", 64, d)
+            t.stream_mb_s = stream_mb_s(t.port, args.stream_runs)
+            print(f"  measured {t.name}", file=sys.stderr)
+
+        refreshing = targets["sidecar_refreshing"]
+        before = token_counters(refreshing.port)
+        load(refreshing.port, "/small", 8, 1.0)
+        refreshing.c1 = load(refreshing.port, "/small", 1, d)
+        refreshing.c64 = load(refreshing.port, "/small", 64, d)
+        after = token_counters(refreshing.port)
+        refreshing.extra["refreshes_during_run"] = after["refreshes"] - before["refreshes"]
+        refreshing.extra["logins_during_run"] = after["logins"] - before["logins"]
+
+        for name in ("sidecar", "nginx"):
+            t = targets.get(name)
+            if t is not None and t.pid is not None:
+                base, growth = rss_growth_during_downloads(t.port, t.pid)
+                t.extra["rss_before_mib"] = round(base, 1)
+                t.extra["rss_growth_mib"] = round(growth, 1)
+        return {
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+            "upstream": env["upstream"],
+            "load_generator": "wrk" if shutil.which("wrk") else "bench/loadgen.py",
+            "duration_s": d,
+            "targets": {name: asdict(t) for name, t in targets.items()},
+        }
+
+
+def ratios(results: dict[str, object]) -> dict[str, float]:
+    t = results["targets"]  # type: ignore[index]
+    side, direct, ngx = t["sidecar"], t["direct"], t.get("nginx")  # type: ignore[index,union-attr]
+    out = {
+        "c64_rps_sidecar_over_direct": side["c64"]["rps"] / direct["c64"]["rps"],
+        "added_p50_us_over_direct_c1": side["c1"]["p50_us"] - direct["c1"]["p50_us"],
+        "stream_sidecar_over_direct": side["stream_mb_s"] / direct["stream_mb_s"],
+        "rss_growth_mib_8x100MiB": side["extra"]["rss_growth_mib"],
+        "p99_c64_refreshing_over_steady": t["sidecar_refreshing"]["c64"]["p99_us"] / side["c64"]["p99_us"],
+    }
+    if ngx is not None:
+        out["c64_rps_sidecar_over_nginx"] = side["c64"]["rps"] / ngx["c64"]["rps"]
+        out["c1_rps_sidecar_over_nginx"] = side["c1"]["rps"] / ngx["c1"]["rps"]
+        out["stream_sidecar_over_nginx"] = side["stream_mb_s"] / ngx["stream_mb_s"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+TARGETS = {  # issue 6: what each ratio must reach
+    "c64_rps_sidecar_over_nginx": (">=", 0.30),
+    "added_p50_us_over_direct_c1": ("<=", 100.0),
+    "stream_sidecar_over_nginx": (">=", 0.80),
+    "rss_growth_mib_8x100MiB": ("<=", 16.0),
+    "p99_c64_refreshing_over_steady": ("<=", 1.5),
+}
+
+
+def report(results: dict[str, object], r: dict[str, float]) -> str:
+    lines = [
+        f"upstream: {results['upstream']}, load: {results['load_generator']}, {results['duration_s']}s per run",
+        "",
+        "| target | c=1 req/s | c=1 p50 | c=1 p99 | c=64 req/s | c=64 p50 | c=64 p99 | 100 MiB stream |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in results["targets"].items():  # type: ignore[attr-defined]
+        c1, c64 = t["c1"], t["c64"]
+        stream = f"{t['stream_mb_s']:,.0f} MB/s" if t["stream_mb_s"] else "–"
+        lines.append(
+            f"| {name} | {c1['rps']:,.0f} | {c1['p50_us']:,.0f} µs | {c1['p99_us']:,.0f} µs | {c64['rps']:,.0f} "
+            f"| {c64['p50_us']:,.0f} µs | {c64['p99_us']:,.0f} µs | {stream} |"
+        )
+    lines.append("")
+    for name, t in results["targets"].items():  # type: ignore[attr-defined]
+        if t["extra"]:
+            lines.append(f"{name}: " + ", ".join(f"{k} = {v:g}" for k, v in t["extra"].items()))
+    lines += ["", "| ratio (this run) | value | target | met |", "|---|---|---|---|"]
+    for key, value in r.items():
+        goal = TARGETS.get(key)
+        if goal is None:
+            lines.append(f"| {key} | {value:g} | – | – |")
+        else:
+            op, bound = goal
+            met = value >= bound if op == ">=" else value <= bound
+            lines.append(f"| {key} | {value:g} | {op} {bound:g} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run (default 10)")
+    parser.add_argument("--stream-runs", type=int, default=3, help="100 MiB downloads per target (median)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
+    parser.add_argument("--access-log", action="store_true", help="keep the sidecar's access log on (default off)")
+    parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.stream_runs = 2.0, 1
+    results = measure(args)
+    r = ratios(results)
+    results["ratios"] = r
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results, r))
+    print(f"\nwritten: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,495 @@
+"""The upstream client: keep-alive HTTP/1.1 connections on asyncio transports, parsed by httptools.
+
+Why not aiohttp's ClientSession: profiled under load (bench/), about three quarters of the proxy's
+CPU per request went to the client side (request objects, header re-encoding, timers, a task and
+several futures per request). A reverse proxy to one origin needs much less: a pool of keep-alive
+connections, the request head written as bytes the client sent (never decoded and re-encoded), the
+response parsed by llhttp (httptools) straight into a list of raw headers and body chunks, flow
+control both ways, and one deadline per request.
+
+Theory of operation: a :class:`Connection` is an ``asyncio.Protocol`` that carries one exchange at
+a time. :meth:`Pool.request` takes an idle connection (or opens one, at most ``limit``; beyond that
+it waits, bounded by the request's deadline), writes the head and the body, and returns an
+:class:`Exchange` once the response head has arrived. Body chunks collect in the protocol; the
+transport stops reading when more than ``HIGH_WATER`` bytes wait, and resumes when the reader has
+taken them, so a slow client slows the upstream instead of filling memory. A connection goes back
+to the pool only when its response was read to the end and both sides allow keep-alive.
+
+Errors leave as the proxy's own: :class:`UpstreamUnreachable` (connect, TLS, a reset before the
+response head), :class:`UpstreamTimeout` (connect timeout, or the whole-request deadline before
+the head), and :class:`BodyInterrupted` from :meth:`Exchange.read` when the upstream fails
+mid-body (the caller must then cut its client's connection, never present a short body as whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from collections import deque
+
+import httptools
+from aiohttp import StreamReader
+from yarl import URL
+
+from .errors import UpstreamTimeout, UpstreamUnreachable
+
+# Pause reading from the upstream when this many body bytes wait for the client.
+HIGH_WATER = 512 * 1024
+# Close a pooled connection idle for longer than this: servers commonly drop idle keep-alive
+# connections after 5-75 s (nginx 75 s, Node 5 s); reusing one they are closing costs a retry.
+KEEPALIVE_S = 4.0
+# Request bodies that stream (unknown or large size) are sent in chunks of at most this size.
+WRITE_CHUNK = 256 * 1024
+HeaderList = list[tuple[bytes, bytes]]
+
+
+class BodyInterrupted(Exception):
+    """The upstream connection failed after the response head: the body is incomplete."""
+
+
+class _Retry(Exception):
+    """A reused connection was closed by the upstream before it answered: try a fresh one."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the upstream, one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.used_at = 0.0
+        self.reused = False
+        self.active = False  # an exchange is under way
+        self._reset()
+        self._drain: asyncio.Future[None] | None = None
+        self._paused_writing = False
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: HeaderList = []
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.complete = False
+        self.head_done = False
+        self.until_eof = False
+        self.keep_alive = False
+        self.error: BaseException | None = None
+        self.got_bytes = False
+        self._head_only = False
+        self._informational = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # nothing was asked: a server talking on an idle connection
+            self._abort()
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"the upstream sent a malformed response ({exc})"))
+            self._abort()
+            return
+        if self._head_only and self.head_done:
+            # A response to HEAD has no body whatever its Content-Length says; llhttp would wait
+            # for one, so the next response on this connection gets a fresh parser.
+            self._parser = httptools.HttpResponseParser(self)
+            self.complete = True
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.head_done and not self.complete and self.until_eof and exc is None:
+            self.complete = True  # a body delimited by the end of the connection
+        elif not self.complete and self.error is None:
+            self.error = exc or ConnectionResetError("the upstream closed the connection")
+        self._wake()
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("the upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
+            self._informational = True
+            self.headers, self.reason = [], b""
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = self._parser.should_keep_alive()  # only meaningful before the body
+        if not self._head_only and status not in (204, 304):
+            framed = False
+            for name, value in self.headers:
+                lowered = name.lower()
+                if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                    framed = True
+                    break
+            self.until_eof = not framed
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self.complete = True
+        self._wake()
+
+    # --- used by Pool and Exchange ---------------------------------------------------------------
+
+    def begin(self, head_only: bool) -> None:
+        self._reset()
+        self._head_only = head_only
+        self.active = True
+
+    def sent(self, sender: asyncio.Task[None]) -> None:
+        """The request body was copied, or copying it failed (the client went away)."""
+        if not sender.cancelled() and sender.exception() is not None:
+            self._fail(sender.exception())  # type: ignore[arg-type]
+            self._abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.complete:
+            self.error = exc
+        self._wake()
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait(self) -> None:
+        """Until something changes: head, body, completion or failure."""
+        self._waiter = waiter = self._loop.create_future()
+        await waiter
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the upstream closed the connection")
+        if self._paused_writing:
+            self._drain = drain = self._loop.create_future()
+            await drain
+
+    def take(self) -> bytes:
+        """Every body byte received so far; resume reading if it was paused."""
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self._paused_reading and self.transport is not None and not self.closed:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    def reusable(self) -> bool:
+        return self.complete and not self.closed and not self.until_eof and self.keep_alive
+
+
+class Exchange:
+    """The upstream's response: status, raw headers, and the body to read in chunks."""
+
+    __slots__ = ("_conn", "_pool", "_timer", "headers", "reason", "status")
+
+    def __init__(self, pool: Pool, conn: Connection, timer: asyncio.TimerHandle) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._timer: asyncio.TimerHandle | None = timer
+        self.status = conn.status
+        self.reason = conn.reason.decode("latin-1")
+        self.headers = conn.headers
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it can be taken at once with :meth:`read`)."""
+        return self._conn.complete
+
+    async def read(self) -> bytes:
+        """The next body bytes; b"" at the end. Raises :class:`BodyInterrupted` on a failure."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.complete:
+                self.release()
+                return b""
+            if conn.error is not None:
+                raise BodyInterrupted(_describe(conn.error))
+            await conn.wait()
+
+    def release(self) -> None:
+        """Done with this response: back to the pool when read to the end, else closed."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._pool.release(self._conn)
+
+
+class Pool:
+    """Keep-alive connections to the one upstream origin, at most ``limit`` open at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        limit: int,
+        connect_timeout_s: float,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        base = URL(url)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host = base.host or "localhost"
+        self._port = base.port or (443 if base.scheme == "https" else 80)
+        self._ssl = ssl_context if base.scheme == "https" else None
+        netloc = base.raw_host or self._host
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if not base.is_default_port():
+            netloc += f":{self._port}"
+        self.host_header = (b"Host", netloc.encode("idna" if not netloc.isascii() else "ascii"))
+        self._limit = max(1, limit)
+        self._connect_timeout = connect_timeout_s
+        self._timeout = timeout_s
+        self._idle: list[Connection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    # --- the one public operation ----------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        head: bytes,
+        body: bytes | StreamReader | None,
+    ) -> Exchange:
+        """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
+
+        ``head`` must already frame the body: ``Content-Length`` for bytes or a sized stream,
+        ``Transfer-Encoding: chunked`` for a stream of unknown size (``body`` is then encoded here).
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        deadline = loop.time() + self._timeout
+        for attempt in range(2):
+            conn = await self._acquire(loop, deadline)
+            try:
+                return await self._exchange(loop, conn, method, head, body, deadline, retry=attempt == 0)
+            except _Retry:
+                continue
+        raise UpstreamUnreachable("the upstream closed the connection before answering")
+
+    async def _exchange(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: Connection,
+        method: str,
+        head: bytes,
+        body: bytes | StreamReader | None,
+        deadline: float,
+        retry: bool,
+    ) -> Exchange:
+        conn.begin(head_only=method == "HEAD")
+        timer = loop.call_at(deadline, self._expire, conn)
+        sender: asyncio.Task[None] | None = None
+        try:
+            transport = conn.transport
+            assert transport is not None
+            if body is None:
+                transport.write(head)
+            elif isinstance(body, bytes | bytearray):
+                transport.write(head + body if len(body) < WRITE_CHUNK else head)
+                if len(body) >= WRITE_CHUNK:
+                    transport.write(body)
+            else:
+                transport.write(head)
+                sender = loop.create_task(_send_stream(conn, body, chunked=b"chunked" in head.lower()))
+                sender.add_done_callback(conn.sent)
+            while not conn.head_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        except BaseException as exc:
+            timer.cancel()
+            if sender is not None:
+                sender.cancel()
+            reused = conn.reused and not conn.got_bytes
+            self._discard(conn)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout("the upstream did not answer in time (upstream.timeout_s)") from exc
+            if retry and reused and not isinstance(body, StreamReader) and isinstance(exc, ConnectionError):
+                raise _Retry from exc
+            raise UpstreamUnreachable(f"the upstream connection failed ({_describe(exc)})") from exc
+        if sender is not None and not sender.done():
+            # The upstream answered before reading the whole body (e.g. 413): the connection
+            # cannot be reused, but the answer is still the answer.
+            sender.cancel()
+            conn.until_eof = True  # forbids reuse
+        return Exchange(self, conn, timer)
+
+    def _expire(self, conn: Connection) -> None:
+        conn._fail(TimeoutError("upstream.timeout_s elapsed"))
+        conn._abort()
+
+    # --- the pool --------------------------------------------------------------------------------
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
+        while True:
+            if self._closed:
+                raise UpstreamUnreachable("the proxy is shutting down")
+            now = time.monotonic()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and now - conn.used_at < KEEPALIVE_S:
+                    conn.reused = True
+                    return conn
+                self._discard(conn)
+            if self._open < self._limit:
+                self._open += 1
+                try:
+                    return await self._connect(loop)
+                except BaseException:
+                    self._open -= 1
+                    self._wake_one()
+                    raise
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"all {self._limit} upstream connections stayed busy (upstream.pool_size)"
+                ) from exc
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"could not connect to the upstream within {self._connect_timeout:g}s (upstream.connect_timeout_s)"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamUnreachable(
+                f"cannot connect to the upstream (TLS certificate verification failed: {exc.verify_message})"
+            ) from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamUnreachable(f"cannot connect to the upstream ({_describe(exc)})") from exc
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        conn.active = False
+        if conn.reusable() and not self._closed:
+            conn.used_at = time.monotonic()
+            self._idle.append(conn)
+            self._wake_one()
+        else:
+            self._discard(conn)
+
+    def _discard(self, conn: Connection) -> None:
+        conn._abort()
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn._abort()
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+async def _send_stream(conn: Connection, body: StreamReader, chunked: bool) -> None:
+    """Copy a client's request body to the upstream, with backpressure both ways."""
+    transport = conn.transport
+    assert transport is not None
+    while True:
+        chunk = await body.readany()
+        if not chunk:
+            break
+        if conn.closed:
+            raise ConnectionResetError("the upstream closed the connection")
+        if chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            transport.write(chunk)
+        await conn.drain()
+    if chunked:
+        transport.write(b"0\r\n\r\n")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" hides the reason
+    text = str(exc)
+    return text[:200] if text else type(exc).__name__
