@@ -109,7 +109,8 @@ class Guard:
         sent = request.headers.get(API_KEY_HEADER)
         if sent is None:
             raise Unauthenticated(f"missing {API_KEY_HEADER} header")
-        if not hmac.compare_digest(sent.encode(), self._api_key):
+        # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates; they compare unequal, not crash.
+        if not hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), self._api_key):
             raise Unauthenticated(f"wrong {API_KEY_HEADER}")
 
     def check_forward(self, method: str, path: str) -> None:
@@ -120,7 +121,8 @@ class Guard:
         if "\x00" in decoded:
             raise BadRequest("the path contains a NUL byte")
         for segment in decoded.replace("\\", "/").split("/"):
-            if segment in (".", ".."):
+            # "..;x" is ".." to servers that drop path parameters (Tomcat, Spring): refused too.
+            if segment.partition(";")[0] in (".", ".."):
                 raise BadRequest("the path contains '.' or '..' segments; send the normalised path")
         if self._methods and method not in self._methods:
             raise Forbidden(f"method {method} is not in access.allow_methods")

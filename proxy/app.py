@@ -45,7 +45,9 @@ def ssl_context(ca_file: str) -> ssl.SSLContext:
 
 def make_app(config: Config, **manager_options: Any) -> web.Application:
     """The proxy as an aiohttp application. ``manager_options`` go to TokenManager (tests: backoff)."""
-    app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
+    app = web.Application(
+        handler_args={"max_field_size": 16384, "max_line_size": 16384}, middlewares=[_non_path_targets]
+    )
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[GUARD] = Guard(config.listen, config.access)
@@ -97,6 +99,15 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER].handle(request)
+
+
+@web.middleware
+async def _non_path_targets(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """A target that is not a path (``CONNECT host:443``, ``OPTIONS *``) matches no route; the forwarder
+    refuses it with its 400 JSON, instead of aiohttp's plain-text 404."""
+    if request.path.startswith("/"):
+        return await handler(request)
     return await request.app[FORWARDER].handle(request)
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider
 from .observability import event, setup_logging
+from .tokens import END_SESSION_TIMEOUT_S
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
@@ -169,13 +171,22 @@ async def check(config: Config) -> int:
         except (TokenRejected, TokenUnavailable) as exc:
             print(f"oauth-sidecar: check failed: {exc.detail}", file=sys.stderr)
             return EXIT_FAILURE
-    import time
+        # A check run as an init step should not leave a session behind when the user asked for
+        # sessions to be ended; a failure here does not fail the check (the login worked).
+        session_note = ""
+        if config.auth.revoke_on_shutdown:
+            try:
+                how = await asyncio.wait_for(idp.end_session(token), END_SESSION_TIMEOUT_S)
+                session_note = f"; session ended ({how})"
+            except (TimeoutError, TokenRejected, TokenUnavailable) as exc:
+                detail = exc.detail if isinstance(exc, TokenRejected | TokenUnavailable) else "timed out"
+                session_note = f"; ending the session failed ({detail})"
 
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.wall_expires_at))
     print(
         f"ok: logged in to {config.auth.provider} as {token.subject or '(no subject)'}; token {token.id} "
         f"expires in {token.lifetime:.0f}s (at {expires}); "
-        f"refresh token: {'yes' if token.refresh_token else 'no'}"
+        f"refresh token: {'yes' if token.refresh_token else 'no'}{session_note}"
     )
     return EXIT_OK
 

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -422,7 +423,7 @@ def _build(raw: _Raw, source: str) -> Config:
             max_connections=values["listen"]["max_connections"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
-        auth=AuthConfig(**{**auth, "extra": {str(k): str(v) for k, v in auth["extra"].items()}}),
+        auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): str(v) for k, v in auth["extra"].items()})}),
         inject=InjectConfig(**values["inject"]),
         access=AccessConfig(
             allow_methods=tuple(m.upper() for m in access["allow_methods"]),
@@ -450,6 +451,12 @@ def check_url(url: str) -> str | None:
     """Why ``url`` is not acceptable as a token endpoint or upstream, or None."""
     try:
         parts = urlsplit(url)
+    except ValueError:
+        return "not a valid URL"
+    # First, so that the messages below, which quote the URL, never quote a password.
+    if parts.username or parts.password:
+        return "must not contain credentials; use the [auth] keys"
+    try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         return f"not a valid URL: {url!r}"
@@ -457,8 +464,6 @@ def check_url(url: str) -> str | None:
         return f"must be an https:// URL, got {url!r}"
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         return f"http:// is only allowed for a loopback host; use https:// ({url!r})"
-    if parts.username or parts.password:
-        return "must not contain credentials; use the [auth] keys"
     if parts.query or parts.fragment:
         return "must not contain a query string or fragment"
     return None

@@ -75,12 +75,13 @@ class TokenError(SidecarError):
 class TokenRejected(TokenError):
     """The identity provider refused the grant (HTTP 4xx with an OAuth error)."""
 
-    def __init__(self, error: str, description: str = "", http_status: int = 400) -> None:
+    def __init__(self, error: str, description: str = "", http_status: int = 400, detail: str = "") -> None:
         self.error = error
         self.description = description
         self.http_status = http_status
         text = f"{error}: {description}" if description else error
-        super().__init__(f"identity provider rejected the request ({http_status} {text})")
+        # `detail` replaces the default message when the refusal is ours, not the provider's.
+        super().__init__(detail or f"identity provider rejected the request ({http_status} {text})")
 
 
 class TokenUnavailable(TokenError):

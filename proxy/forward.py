@@ -111,7 +111,9 @@ class Forwarder:
                     detail=exc.detail,
                     request_id=request_id,
                 )
-            return error_response(exc, headers)
+            response = error_response(exc, headers)
+            size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
+            return response
         finally:
             self._metrics.in_flight.dec()
             if self._access_log and access_log.isEnabledFor(logging.INFO):

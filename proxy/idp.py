@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import jwt
 
 from .config import AuthConfig, InjectConfig, check_url
 from .errors import TokenRejected, TokenUnavailable
-from .observability import event
+from .observability import Redactor, event
 from .state import Token
 
 TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
@@ -37,6 +38,23 @@ MAX_DESCRIPTION = 200
 MAX_ERROR_BODY = 64 * 1024
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 SUPPORTED_TOKEN_TYPES = {"bearer"}
+# Token request fields whose values are secrets (auth_string: base64 of username:password).
+SECRET_FIELDS = ("password", "refresh_token", "code", "auth_string", "client_secret")
+# A lifetime longer than this (a provider's "never expires" as 1e300) is cut to it, so expiry times stay
+# finite and printable; the token is then renewed once a year, which costs nothing.
+MAX_LIFETIME_S = 365 * 24 * 3600.0
+# The OAuth error a provider answers to a grant it does not implement (RFC 6749 §5.2). After a refresh gets
+# it, refresh tokens are dropped and renewals log in directly (WebCommander documents no refresh grant).
+UNSUPPORTED_GRANT = "unsupported_grant_type"
+
+
+@dataclass
+class Reply:
+    """What the token endpoint answered: status, the parsed JSON (or the raw bytes), its content type."""
+
+    status: int
+    body: Any
+    content_type: str = ""
 
 
 @dataclass
@@ -67,7 +85,11 @@ class IdentityProvider:
         self._endpoints: Endpoints | None = None
         if auth.token_url:
             self._endpoints = Endpoints(auth.token_url, auth.logout_url, auth.revoke_url)
+        # authorization_code: the code is spent once the provider has answered to it (RFC 6749 §4.1.2:
+        # a code used twice makes the provider revoke the tokens issued for it), so it is never re-sent.
         self.code_used = False
+        # The provider answered unsupported_grant_type to a refresh: renew by logging in from then on.
+        self.refresh_unsupported = False
 
     # --- grants ----------------------------------------------------------------------------------
 
@@ -81,9 +103,11 @@ class IdentityProvider:
             fields["refresh_token"] = a.refresh_token
         elif a.grant_type == "authorization_code":
             if self.code_used:
-                raise TokenRejected(
-                    "invalid_grant", "the authorization code was already exchanged; configure a new one", 400
+                why = (
+                    "the authorization code (auth.code) was already sent once and is never sent twice, and no "
+                    "refresh token is left to renew with: get a new code, set auth.code and restart"
                 )
+                raise TokenRejected("code_already_used", why, 400, detail=why)
             fields["code"] = a.code
         if a.auth_string:
             fields["auth_string"] = base64.b64encode(f"{a.username}:{a.password}".encode()).decode()
@@ -93,9 +117,19 @@ class IdentityProvider:
             fields["redirect_uri"] = a.redirect_uri
         if a.scope:
             fields["scope"] = a.scope
-        token = await self._grant("login", fields, previous_refresh=None)
-        if a.grant_type == "authorization_code":
+        if a.grant_type != "authorization_code":
+            return await self._grant("login", fields, previous_refresh=None)
+        try:
+            token = await self._grant("login", fields, previous_refresh=None)
+        except TokenRejected:
             self.code_used = True
+            raise
+        except TokenUnavailable as exc:
+            # A 200 we could not use still spent the code; "try later" answers and lost requests did not.
+            if exc.reason == "invalid_response":
+                self.code_used = True
+            raise
+        self.code_used = True
         return token
 
     async def refresh(self, current: Token) -> Token:
@@ -105,7 +139,13 @@ class IdentityProvider:
         fields = {"grant_type": "refresh_token", "refresh_token": current.refresh_token}
         if self._auth.scope:
             fields["scope"] = self._auth.scope
-        return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
+        try:
+            return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
+        except TokenRejected as exc:
+            if exc.error == UNSUPPORTED_GRANT and not self.refresh_unsupported:
+                self.refresh_unsupported = True
+                event("idp.refresh_unsupported", description=exc.description, next="log in to renew from now on")
+            raise
 
     async def end_session(self, token: Token) -> str:
         """End the session at the provider: Keycloak logout, else RFC 7009 revocation.
@@ -121,9 +161,9 @@ class IdentityProvider:
             url, fields, how = endpoints.revoke, {"token": value, "token_type_hint": hint}, "revoke"
         else:
             return "none"
-        status, _ = await self._post(url, fields, form_only=True)
-        if status >= 400:
-            raise TokenRejected(f"http_{status}", f"{how} endpoint answered {status}", status)
+        reply = await self._post(url, fields, form_only=True)
+        if reply.status >= 400:
+            raise TokenRejected(f"http_{reply.status}", f"{how} endpoint answered {reply.status}", reply.status)
         return how
 
     # --- endpoints -------------------------------------------------------------------------------
@@ -164,14 +204,20 @@ class IdentityProvider:
 
     async def _grant(self, kind: str, fields: dict[str, str], previous_refresh: str | None) -> Token:
         endpoints = await self.endpoints()
-        status, body = await self._post(endpoints.token, fields)
-        arrived = self._clock()
-        if status >= 300:
-            raise _error_from_response(status, body)
-        return self._parse_token(body, arrived, previous_refresh)
+        try:
+            reply = await self._post(endpoints.token, fields)
+            arrived = self._clock()
+            if reply.status >= 300:
+                raise _error_from_response(reply)
+            return self._parse_token(reply, arrived, previous_refresh)
+        except (TokenRejected, TokenUnavailable) as exc:
+            # A provider may echo what it was sent; its words end up in /-/ready, /-/status and 503 bodies.
+            sent = [fields.get(k, "") for k in SECRET_FIELDS] + [self._auth.client_secret, self._auth.password]
+            _mask_secrets(exc, Redactor(sent))
+            raise
 
-    async def _post(self, url: str, fields: Mapping[str, str], form_only: bool = False) -> tuple[int, Any]:
-        """POST ``fields`` with client authentication; returns (status, parsed body or raw bytes)."""
+    async def _post(self, url: str, fields: Mapping[str, str], form_only: bool = False) -> Reply:
+        """POST ``fields`` with client authentication; the body comes back parsed, or raw when not JSON."""
         a = self._auth
         payload = dict(fields)
         headers = {"Accept": "application/json"}
@@ -192,7 +238,7 @@ class IdentityProvider:
             async with self._session.post(url, data=data, headers=headers, timeout=self._timeout) as resp:
                 raw = await resp.content.read(MAX_ERROR_BODY if resp.status >= 300 else -1)
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
-                status = resp.status
+                status, content_type = resp.status, resp.content_type
         except TimeoutError as exc:
             raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -201,22 +247,29 @@ class IdentityProvider:
             ) from exc
         try:
             parsed: Any = json.loads(raw) if raw else None
-        except ValueError:
+        except ValueError:  # includes UnicodeDecodeError
             parsed = raw
+        reply = Reply(status, parsed, content_type)
         if status in TRANSIENT_STATUSES or status >= 500:
-            raise _error_from_response(status, parsed, retry_after)
-        return status, parsed
+            raise _error_from_response(reply, retry_after)
+        return reply
 
     # --- parsing ---------------------------------------------------------------------------------
 
-    def _parse_token(self, body: Any, arrived: float, previous_refresh: str | None) -> Token:
+    def _parse_token(self, reply: Reply, arrived: float, previous_refresh: str | None) -> Token:
+        body = reply.body
         if not isinstance(body, dict):
             raise TokenUnavailable(
-                "token endpoint answered 200 with a body that is not a JSON object", reason="invalid_response"
+                f"token endpoint answered {reply.status} with {_describe_body(reply)}, not a JSON object",
+                reason="invalid_response",
             )
         access = body.get("access_token")
         if not isinstance(access, str) or not access:
-            raise TokenUnavailable("token response has no access_token", reason="invalid_response")
+            problem = "no access_token" if access is None else "an access_token that is not a non-empty string"
+            if body.get("error"):  # some providers answer 200 with an OAuth error
+                problem += f" (error: {_clean(body['error'])}"
+                problem += f": {_clean(body['error_description'])})" if body.get("error_description") else ")"
+            raise TokenUnavailable(f"token response has {problem}", reason="invalid_response")
         if not access.isprintable() or any(c.isspace() for c in access):
             raise TokenUnavailable(
                 "token response has an access_token with spaces or control characters", reason="invalid_response"
@@ -232,6 +285,8 @@ class IdentityProvider:
         refresh = body.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
             refresh = previous_refresh  # RFC 6749 §6: no new refresh token means keep the old one
+        if self.refresh_unsupported:
+            refresh = None
         refresh_expires_at = None
         refresh_in = _number(body.get("refresh_expires_in"))
         if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
@@ -259,14 +314,14 @@ class IdentityProvider:
                     reason="invalid_response",
                 )
             if seconds > 0:
-                return seconds
+                return min(seconds, MAX_LIFETIME_S)
         exp = _number(claims.get("exp"))
         if exp is not None:
             iat = _number(claims.get("iat"))
             seconds = exp - iat if iat is not None else exp - self._wall()
             if seconds > 0:
-                return seconds
-        return self._auth.default_lifetime_s
+                return min(seconds, MAX_LIFETIME_S)
+        return min(self._auth.default_lifetime_s, MAX_LIFETIME_S)
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -281,17 +336,19 @@ def _jwt_claims(token: str) -> dict[str, Any]:
 
 
 def _number(value: Any) -> float | None:
-    """A JSON number, or a string holding one (some providers send "3600"); None otherwise."""
+    """A finite JSON number, or a string holding one (some providers send "3600"); None otherwise."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             return None
-    return None
+    else:
+        return None
+    return number if math.isfinite(number) else None  # "NaN", "Infinity" and Python's json's Infinity
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -309,13 +366,34 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def _mask_secrets(exc: TokenRejected | TokenUnavailable, redact: Redactor) -> None:
+    exc.detail = redact(exc.detail)
+    exc.args = (exc.detail,)
+    if isinstance(exc, TokenRejected):
+        exc.error, exc.description = redact(exc.error), redact(exc.description)
+
+
 def _clean(text: Any) -> str:
     """A provider's text, made safe to log: printable, short."""
     out = "".join(c if c.isprintable() else " " for c in str(text))
     return out[:MAX_DESCRIPTION]
 
 
-def _error_from_response(status: int, body: Any, retry_after: float | None = None) -> Exception:
+def _describe_body(reply: Reply) -> str:
+    """``an HTML page`` / ``a text/plain body`` / ``an empty body`` / ``a JSON list``: never the body itself."""
+    body = reply.body
+    if body is None:
+        return "an empty body"
+    if isinstance(body, bytes | bytearray):
+        if reply.content_type == "text/html":
+            return "an HTML page"
+        return f"a {reply.content_type} body" if reply.content_type else "a non-JSON body"
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean"}
+    return f"a JSON {kinds.get(type(body), 'number')}"
+
+
+def _error_from_response(reply: Reply, retry_after: float | None = None) -> Exception:
+    status, body = reply.status, reply.body
     error = description = ""
     if isinstance(body, dict):
         error = _clean(body.get("error") or "")
@@ -327,14 +405,18 @@ def _error_from_response(status: int, body: Any, retry_after: float | None = Non
             reason="rate_limited",
         )
     if status in TRANSIENT_STATUSES or status >= 500:
-        shown = f"{error}: {description}" if error and description else error or "no OAuth error in the body"
+        if error:
+            shown = f"{error}: {description}" if description else error
+        else:
+            shown = f"{_describe_body(reply)} without an OAuth error"
         return TokenUnavailable(
             f"token endpoint answered {status} ({shown})", retry_after=retry_after, reason="server_error"
         )
     if not error:
-        kind = "a non-JSON body" if isinstance(body, bytes | bytearray) else "no OAuth error"
         error = f"http_{status}"
-        description = description or f"token endpoint answered {status} with {kind}"
+        description = description or f"token endpoint answered {status} with {_describe_body(reply)}"
+        if isinstance(body, dict):
+            description += " without an OAuth error"
     return TokenRejected(error, description, status)
 
 

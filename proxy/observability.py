@@ -162,8 +162,9 @@ class Metrics:
         )
         self.requests = Counter(
             "oauth_sidecar_requests",
-            "Requests answered, by method and status class (2xx..5xx) and by who answered (upstream, proxy).",
-            ["method", "status", "source"],
+            "Requests answered, by method class (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, OTHER), status "
+            "class (2xx..5xx), exact status code, and who answered (upstream, proxy).",
+            ["method", "status", "code", "source"],
             registry=r,
         )
         self.upstream_duration = Histogram(
@@ -179,15 +180,17 @@ class Metrics:
             registry=r,
         )
         self.bytes_out = Counter("oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", registry=r)
-        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._request_children: dict[tuple[str, int, str], Any] = {}
 
     def count_request(self, method: str, status: int, source: str) -> None:
-        key = (method, status // 100, source)
-        child = self._request_children.get(key)  # type: ignore[arg-type]
+        """Count one answered request. Any method outside the standard ones is counted as OTHER, so a
+        client inventing methods cannot grow the label set (or this cache)."""
+        method_class = method if method in _KNOWN_METHODS else "OTHER"
+        key = (method_class, status, source)
+        child = self._request_children.get(key)
         if child is None:
-            label = method if method in _KNOWN_METHODS else "OTHER"
-            child = self.requests.labels(label, f"{status // 100}xx", source)
-            self._request_children[key] = child  # type: ignore[index]
+            child = self.requests.labels(method_class, f"{status // 100}xx", str(status), source)
+            self._request_children[key] = child
         child.inc()
 
     def exposition(self) -> bytes:

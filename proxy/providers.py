@@ -71,6 +71,8 @@ PRESETS: dict[str, Preset] = {
             "client_id": "the client ID of your WebCommander application",
             "client_secret": "the client secret of your WebCommander application",
             "username": "your WebCommander user name (sent inside auth_string)",
+            "password": "your WebCommander password (sent inside auth_string)",
+            "redirect_uri": "the redirect URI given when the application was set up (the token request sends it)",
         },
     ),
     "oauth2": Preset(

@@ -35,6 +35,9 @@ REFRESH_TOKEN_SKEW_S = 5.0
 # Refresh happens `refresh_margin_s` before expiry, but never earlier than half-way through the
 # lifetime: a margin larger than the lifetime would refresh in a tight loop (google-auth #581, #1146).
 MAX_MARGIN_FRACTION = 0.5
+# ... and never later than two expiry skews before expiry: a margin shorter than the skew (0 s, 1 s)
+# would schedule the refresh after the token already stopped being sent, and requests would wait.
+MIN_MARGIN_SKEWS = 2.0
 # After this many transient refresh failures in a row, try a fresh login instead (a refresh that keeps
 # failing with 5xx may be a refresh token the provider chokes on, e.g. Keycloak's lock timeout).
 MAX_REFRESH_FAILURES = 2
@@ -148,13 +151,20 @@ class Token:
     def id(self) -> str:
         return fingerprint(self.access_token)
 
+    @property
+    def skew(self) -> float:
+        """How long before expiry the token stops being sent."""
+        return min(EXPIRY_SKEW_S, self.lifetime * 0.1)
+
     def refresh_at(self, margin: float) -> float:
-        """When to start renewing: ``margin`` before expiry, but not before half the lifetime."""
+        """When to start renewing: ``margin`` before expiry, but not before half the lifetime and
+        while the token can still be sent."""
+        margin = max(margin, MIN_MARGIN_SKEWS * self.skew)
         return self.expires_at - min(margin, self.lifetime * MAX_MARGIN_FRACTION)
 
     def unusable_at(self) -> float:
         """From when on the token must not be sent."""
-        return self.expires_at - min(EXPIRY_SKEW_S, self.lifetime * 0.1)
+        return self.expires_at - self.skew
 
     def health(self, now: float, margin: float) -> Health:
         if now >= self.unusable_at():

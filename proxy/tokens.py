@@ -21,7 +21,9 @@ every request into a token request.
 The flight's steps follow ``state.TRANSITIONS``: a rejected refresh moves to LOGGING_IN and the
 same flight logs in; a transient failure moves to BACKING_OFF and the scheduler retries at the
 backoff's end; a rejected login moves to REJECTED and waits minutes. While backing off, a request
-with no usable token gets :class:`NoToken` at once (503 with Retry-After), without a token request.
+with no usable token gets :class:`NoToken` at once (503 with Retry-After), without a token request;
+once an attempt has failed, it waits for a retry only ``FAILING_PROVIDER_WAIT_S``, never until
+``auth.timeout_s``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from .state import Event, Health, Phase, Token
 # An upstream 401 for a token obtained less than this long ago by an earlier 401-triggered
 # renewal is passed back to the client: the upstream rejects something other than token age.
 REJECTION_RENEWAL_INTERVAL_S = 5.0
+# While the identity provider is failing, a request without a usable token waits at most this long for
+# the retry in flight: a healthy answer takes milliseconds, a hanging one would hold it until auth.timeout_s.
+FAILING_PROVIDER_WAIT_S = 0.5
 # How long a session-ending call may delay shutdown.
 END_SESSION_TIMEOUT_S = 5.0
 
@@ -114,7 +119,12 @@ class TokenManager:
             return token
         if self._flight is None and self._waiting_out_backoff():
             raise NoToken(self.reason(), retry_after=self.retry_after())
-        await self._join_flight(None)
+        # Once the provider has failed, a retry may hang until auth.timeout_s: wait for it only briefly.
+        wait = FAILING_PROVIDER_WAIT_S if self._provider_failing() else None
+        try:
+            await asyncio.wait_for(self._join_flight(None), wait)
+        except TimeoutError:
+            pass  # the retry goes on without this request
         token = self.usable()
         if token is None:
             raise NoToken(self.reason(), retry_after=self.retry_after())
@@ -124,6 +134,10 @@ class TokenManager:
         """The upstream answered 401 to ``rejected``: the token to retry with, or None (don't retry)."""
         if self._token is not rejected:
             return self.usable()  # someone renewed it already
+        if self._flight is not None:  # a renewal is under way (maybe for another 401 on this token): share it
+            await self._join_flight(rejected)
+            token = self.usable()
+            return token if token is not rejected else None
         now = self._clock()
         if now - self._last_rejection_renewal < self._rejection_interval:
             return None
@@ -178,6 +192,8 @@ class TokenManager:
         if self.phase is Phase.BACKING_OFF and err is not None:
             return f"{err.detail}; retrying in {retry:.0f}s"
         if self.phase in (Phase.IDLE, Phase.LOGGING_IN, Phase.REFRESHING):
+            if err is not None and self._provider_failing():
+                return f"{err.detail}; retrying now"
             return "logging in to the identity provider"
         if self.phase is Phase.STOPPED:
             return "shutting down"
@@ -217,6 +233,10 @@ class TokenManager:
         return info
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _provider_failing(self) -> bool:
+        """The identity provider has failed or refused since the last token was obtained."""
+        return bool(self._transient_failures or self._rejections)
 
     def _waiting_out_backoff(self) -> bool:
         return self.phase in (Phase.BACKING_OFF, Phase.REJECTED) and self._clock() < self._retry_at
@@ -267,6 +287,8 @@ class TokenManager:
                 self._record_failure(kind, exc.error, exc.detail, "rejected")
                 self._move(Event.REJECTED)
                 if self.phase is Phase.LOGGING_IN:
+                    # The refresh token is dead: never send it again (and REJECTED accepts no REFRESH).
+                    self._refresh_failures = state.MAX_REFRESH_FAILURES
                     event(
                         "token.refresh_rejected",
                         level=logging.WARNING,

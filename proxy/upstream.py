@@ -43,6 +43,9 @@ KEEPALIVE_S = 4.0
 # Request bodies that stream (unknown or large size) are sent in chunks of at most this size.
 WRITE_CHUNK = 256 * 1024
 HeaderList = list[tuple[bytes, bytes]]
+# A request lost on a reused connection is sent again only when repeating it is harmless (RFC 9110
+# §9.2.2): the upstream may have read a POST and acted on it before closing without an answer.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class BodyInterrupted(Exception):
@@ -364,7 +367,13 @@ class Pool:
                 raise
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout("the upstream did not answer in time (upstream.timeout_s)") from exc
-            if retry and reused and not isinstance(body, StreamReader) and isinstance(exc, ConnectionError):
+            if (
+                retry
+                and reused
+                and method in IDEMPOTENT_METHODS
+                and not isinstance(body, StreamReader)
+                and isinstance(exc, ConnectionError)
+            ):
                 raise _Retry from exc
             raise UpstreamUnreachable(f"the upstream connection failed ({_describe(exc)})") from exc
         if sender is not None and not sender.done():

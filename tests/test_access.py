@@ -36,7 +36,7 @@ async def test_rebinding_host_is_refused_and_nothing_reaches_upstream(setup):
 @pytest.mark.parametrize("host", ["127.0.0.1:8360", "localhost:8360", "[::1]:8360", "LOCALHOST", "127.0.0.1"])
 async def test_curl_like_requests_are_forwarded(setup, host):
     """A request naming the listener by loopback address or localhost, without Origin, is forwarded."""
-    api, client = await setup()
+    _api, client = await setup()
     resp = await client.get("/v1/hello", headers={"Host": host})
     assert resp.status == 200
     assert "Access-Control-Allow-Origin" not in resp.headers
@@ -44,14 +44,14 @@ async def test_curl_like_requests_are_forwarded(setup, host):
 
 async def test_allowed_hosts_opens_a_service_name(setup):
     """listen.allowed_hosts lets a Docker service name through; other names stay refused."""
-    api, client = await setup(listen={"allowed_hosts": ["sidecar"]})
+    _api, client = await setup(listen={"allowed_hosts": ["sidecar"]})
     assert (await client.get("/v1/hello", headers={"Host": "sidecar:8360"})).status == 200
     assert (await client.get("/v1/hello", headers={"Host": "sidecar.evil.example"})).status == 403
 
 
 async def test_reserved_paths_follow_the_host_rule(setup):
     """/-/status and the other reserved paths refuse a foreign Host too."""
-    api, client = await setup()
+    _api, client = await setup()
     for path in ("/-/healthy", "/-/ready", "/-/status", "/-/metrics"):
         resp = await client.get(path, headers={"Host": "attacker.example"})
         assert resp.status == 403, path
@@ -87,28 +87,28 @@ async def test_cross_site_form_post_is_refused(setup):
 @pytest.mark.parametrize("site", ["cross-site", "same-site"])
 async def test_sec_fetch_site_without_origin_is_refused(setup, site):
     """An <img> or link from another site (Sec-Fetch-Site, no Origin) gets 403."""
-    api, client = await setup()
+    _api, client = await setup()
     resp = await client.get("/v1/hello", headers={"Sec-Fetch-Site": site})
     assert resp.status == 403
 
 
 async def test_user_typed_navigation_is_allowed(setup):
     """Sec-Fetch-Site: none (the user typed the URL) is not a cross-site request."""
-    api, client = await setup()
+    _api, client = await setup()
     resp = await client.get("/v1/hello", headers={"Sec-Fetch-Site": "none"})
     assert resp.status == 200
 
 
 async def test_null_origin_is_refused(setup):
     """Origin: null (sandboxed iframe, file://) is refused like any unlisted origin."""
-    api, client = await setup(access={"allow_origins": ["https://app.example"]})
+    _api, client = await setup(access={"allow_origins": ["https://app.example"]})
     resp = await client.get("/v1/hello", headers={"Origin": "null"})
     assert resp.status == 403
 
 
 async def test_allowed_origin_gets_exactly_that_origin(setup):
     """An allowed origin is forwarded and gets Access-Control-Allow-Origin with exactly that origin."""
-    api, client = await setup(access={"allow_origins": ["https://app.example"]})
+    _api, client = await setup(access={"allow_origins": ["https://app.example"]})
     resp = await client.get("/v1/hello", headers={"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"})
     assert resp.status == 200
     assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
@@ -143,8 +143,12 @@ async def test_wildcard_origin_is_a_config_error():
         config_from_mapping(
             {
                 "upstream": {"url": "http://127.0.0.1:1"},
-                "auth": {"provider": "keycloak", "token_url": "http://127.0.0.1:2/token",
-                         "username": "u", "password": "p"},
+                "auth": {
+                    "provider": "keycloak",
+                    "token_url": "http://127.0.0.1:2/token",
+                    "username": "u",
+                    "password": "p",
+                },
                 "access": {"allow_origins": ["*"]},
             }
         )
@@ -153,7 +157,7 @@ async def test_wildcard_origin_is_a_config_error():
 
 async def test_api_key_required_when_set(setup):
     """With access.api_key set, a missing or wrong X-Api-Key gets 401; the right one is forwarded, not leaked."""
-    api, client = await setup(access={"api_key": "k3y-for-clients"})
+    _api, client = await setup(access={"api_key": "k3y-for-clients"})
     resp = await client.get("/v1/hello")
     assert resp.status == 401
     assert (await resp.json())["error"] == "unauthenticated"
@@ -170,7 +174,7 @@ async def test_api_key_required_when_set(setup):
 
 async def test_methods_and_paths_outside_access_are_403(setup):
     """allow_methods and allow_paths refuse what is not listed, with 403 and a JSON reason."""
-    api, client = await setup(access={"allow_methods": ["GET"], "allow_paths": ["/v1/hello", "/v1/echo/"]})
+    _api, client = await setup(access={"allow_methods": ["GET"], "allow_paths": ["/v1/hello", "/v1/echo/"]})
     assert (await client.get("/v1/hello")).status == 200
     assert (await client.get("/v1/echo/x")).status == 200
     resp = await client.post("/v1/hello")

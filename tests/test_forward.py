@@ -67,7 +67,7 @@ async def test_body_and_headers_arrive_intact(aiohttp_server, aiohttp_client):
 async def test_host_is_the_upstreams(aiohttp_server, aiohttp_client):
     """The upstream sees its own host and port in Host, whatever the client sent."""
     idp = await start_idp(aiohttp_server)
-    api, api_url = await start_api(aiohttp_server, idp)
+    _api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
     resp = await client.get("/v1/echo", headers={"Host": "localhost:8360"})
     headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
@@ -137,8 +137,13 @@ async def test_hop_by_hop_response_headers_dropped(aiohttp_server, aiohttp_clien
     async def hop(request):
         return web.Response(
             text="ok",
-            headers={"Connection": "X-Private", "X-Private": "secret-ish", "X-Public": "yes",
-                     "Proxy-Authenticate": "Basic", "Set-Cookie": "s=1"},
+            headers={
+                "Connection": "X-Private",
+                "X-Private": "secret-ish",
+                "X-Public": "yes",
+                "Proxy-Authenticate": "Basic",
+                "Set-Cookie": "s=1",
+            },
         )
 
     url = await _upstream_app(aiohttp_server, hop)
@@ -185,7 +190,7 @@ async def test_upstream_base_path_is_kept(aiohttp_server, aiohttp_client):
 
 async def test_upstream_401_renews_once_and_retries(aiohttp_server, aiohttp_client):
     """When the upstream stops accepting the token, the proxy logs in again and the client sees 200."""
-    idp, api, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
+    idp, _api, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
     assert (await client.get("/v1/hello")).status == 200
     idp.revoke_all_access()
     idp.revoke_all_refresh()
@@ -197,7 +202,7 @@ async def test_upstream_401_renews_once_and_retries(aiohttp_server, aiohttp_clie
 
 async def test_concurrent_401s_share_one_renewal(aiohttp_server, aiohttp_client):
     """Twenty requests rejected together cause one token renewal, and all of them succeed."""
-    idp, api, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
+    idp, _api, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
     assert (await client.get("/v1/hello")).status == 200
     idp.revoke_all_access()
     before = idp.token_requests

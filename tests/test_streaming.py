@@ -86,8 +86,13 @@ level = "warning"
 """
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -143,9 +148,10 @@ async def test_200mb_upload_streams_in_bounded_memory(proxy_process):
             sent += len(CHUNK)
             peak = max(peak, rss_bytes(proc.pid))
 
-    async with aiohttp.ClientSession() as session, session.post(
-        base + "/upload", data=body(), headers={"Content-Length": str(UPLOAD_BYTES)}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base + "/upload", data=body(), headers={"Content-Length": str(UPLOAD_BYTES)}) as resp,
+    ):
         assert resp.status == 200
         result = await resp.json()
     assert result == {"bytes": UPLOAD_BYTES, "sha256": digest.hexdigest()}

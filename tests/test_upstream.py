@@ -169,7 +169,7 @@ async def test_a_reused_connection_closed_by_the_upstream_is_retried_on_a_new_on
 
 async def test_pool_limit_makes_requests_wait_and_times_them_out():
     server = await serve(answering(OK, OK, OK))
-    pool = pool_for(server, limit=1, timeout_s=0.5)
+    pool = pool_for(server, limit=1, timeout_s=10)
     held = await pool.request("GET", GET, None)  # its body is not read yet: the connection stays busy
     waiting = asyncio.ensure_future(pool.request("GET", GET, None))
     await asyncio.sleep(0.05)
@@ -177,7 +177,9 @@ async def test_pool_limit_makes_requests_wait_and_times_them_out():
     assert await read_all(held) == b"hello"  # read to the end: the connection goes back to the pool
     assert await read_all(await waiting) == b"hello"
     assert server.connections == 1
+    await pool.close()
 
+    pool = pool_for(server, limit=1, timeout_s=0.3)
     held = await pool.request("GET", GET, None)
     with pytest.raises(UpstreamTimeout, match="pool_size"):
         await pool.request("GET", GET, None)

@@ -1,0 +1,391 @@
+"""What operators see: /-/healthy, /-/ready, /-/status, /-/metrics, the access log and the token events."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.demo import DemoIdP, Fault
+from proxy.observability import JsonFormatter, TextFormatter, setup_logging
+from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
+
+# Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
+PASSWORD = "pw-unit-test-Qx81-never-log"
+CLIENT_SECRET = "cs-unit-test-Zr27-never-log"
+API_KEY = "ak-unit-test-Lm55-never-log"
+KEY = {"X-Api-Key": API_KEY}
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+async def _idp(aiohttp_server: Any, **options: Any) -> DemoIdP:
+    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD}, clients={"demo-client": CLIENT_SECRET}, **options)
+    issued: list[str] = []
+    original = idp._issue
+
+    def issue(subject: str, client_id: str) -> web.Response:  # remember every token value handed out
+        response = original(subject, client_id)
+        body = json.loads(response.body)  # type: ignore[arg-type]
+        issued.extend(v for k, v in body.items() if k in ("access_token", "refresh_token"))
+        return response
+
+    idp._issue = issue  # type: ignore[method-assign]
+    idp.issued = issued  # type: ignore[attr-defined]
+    return idp
+
+
+def _config(idp: DemoIdP, upstream: str, **sections: dict[str, Any]) -> Any:
+    auth = {"password": PASSWORD, "client_secret": CLIENT_SECRET, **sections.pop("auth", {})}
+    access = {"api_key": API_KEY, **sections.pop("access", {})}
+    return keycloak_config(idp, upstream, auth=auth, access=access, **sections)
+
+
+def _secrets(idp: DemoIdP) -> list[str]:
+    values = [PASSWORD, CLIENT_SECRET, API_KEY, *idp.issued]  # type: ignore[attr-defined]
+    assert all(len(v) > 8 for v in values)
+    return values
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Wait, bounded in time and count, until ``check()`` is true."""
+    for _ in range(int(seconds / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def _ready(client: Any) -> None:
+    async def ready() -> bool:
+        return (await client.get("/-/ready")).status == 200
+
+    await _eventually(ready)
+
+
+def _metrics(text: str) -> dict[str, list[Any]]:
+    """Samples by sample name, from the Prometheus text exposition (parsed by prometheus_client)."""
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def _value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    matching = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(matching) == 1, f"{name}{labels}: {len(matching)} samples"
+    return matching[0]
+
+
+# --- endpoints -----------------------------------------------------------------------------------
+
+
+async def test_healthy_answers_while_not_ready(aiohttp_server, aiohttp_client):
+    """/-/healthy is liveness: 200 while the process runs, even when the credentials are refused."""
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"password": "wrong-password"}))
+    await _eventually(lambda: _status_is(client, "rejected"))
+    resp = await client.get("/-/healthy")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok"}
+    assert (await client.get("/-/ready")).status == 503
+
+
+async def _status_is(client: Any, state: str) -> bool:
+    resp = await client.get("/-/status", headers=KEY)
+    return (await resp.json())["state"] == state
+
+
+async def test_ready_with_a_token(aiohttp_server, aiohttp_client):
+    """/-/ready answers 200 with the state and the token's remaining lifetime once a token is held."""
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    await _ready(client)
+    body = await (await client.get("/-/ready")).json()
+    assert body["ready"] is True
+    assert body["state"] == "holding"
+    assert 250 < body["token_expires_in_s"] <= 300
+
+
+async def test_not_ready_when_login_rejected(aiohttp_server, aiohttp_client):
+    """A refused login makes /-/ready 503 with a JSON reason naming the provider's answer, and a Retry-After."""
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    config = _config(idp, api_url, auth={"password": "wrong-password"})
+    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 120.0)
+    await _eventually(lambda: _status_is(client, "rejected"))
+    resp = await client.get("/-/ready")
+    assert resp.status == 503
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["ready"] is False
+    assert body["state"] == "rejected"
+    assert "invalid_grant" in body["reason"] and "Invalid user credentials" in body["reason"]
+    assert 60 <= int(resp.headers["Retry-After"]) <= 120
+
+
+async def test_not_ready_when_idp_unreachable(aiohttp_server, aiohttp_client, unused_tcp_port):
+    """With the identity provider down, /-/ready is 503 saying it is unreachable, with a Retry-After."""
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    config = _config(idp, api_url, auth={"token_url": f"http://127.0.0.1:{unused_tcp_port}/token"})
+    client = await start_proxy(aiohttp_client, config, transient_backoff=lambda attempt, rand, retry_after=None: 30.0)
+    await _eventually(lambda: _status_is(client, "backing_off"))
+    resp = await client.get("/-/ready")
+    assert resp.status == 503
+    body = await resp.json()
+    assert "unreachable" in body["reason"]
+    assert 1 <= int(resp.headers["Retry-After"]) <= 30
+
+
+async def test_status_shows_state_expiry_last_refresh_last_error_and_counters(aiohttp_server, aiohttp_client):
+    """/-/status: state, token expiry, last refresh, the last error with the provider's words, counters."""
+    idp = await _idp(aiohttp_server)
+    idp.fail_next(Fault(503, {"error": "temporarily_unavailable", "error_description": "Keycloak is starting"}))
+    _, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    await _ready(client)
+    assert (await client.get("/v1/hello", headers=KEY)).status == 200
+
+    assert (await client.get("/-/status")).status == 401  # status needs the API key when one is set
+    resp = await client.get("/-/status", headers=KEY)
+    assert resp.status == 200
+    text = await resp.text()
+    body = json.loads(text)
+    assert body["state"] == "holding"
+    assert body["ready"] is True
+    assert body["provider"] == "keycloak"
+    token = body["token"]
+    assert token["subject"] == "demo"
+    assert 250 < token["expires_in_s"] <= 300
+    assert ISO_UTC.match(token["expires_at"])
+    assert token["has_refresh_token"] is True
+    assert ISO_UTC.match(body["last_refresh"])
+    error = body["last_error"]
+    assert error["kind"] == "login"
+    assert error["reason"] == "server_error"
+    assert "temporarily_unavailable: Keycloak is starting" in error["detail"]
+    assert ISO_UTC.match(error["at"])
+    assert body["counters"] == {"logins": 1, "refreshes": 0, "failures": 1, "rejections": 0}
+    for secret in _secrets(idp):
+        assert secret not in text
+
+
+async def test_metrics_exposition(aiohttp_server, aiohttp_client):
+    """/-/metrics: token requests and failures by reason, seconds to expiry, requests by method class and
+    status, the upstream latency histogram and in-flight requests, parsed as Prometheus text."""
+    idp = await _idp(aiohttp_server)
+    idp.fail_next(Fault(400, {"error": "invalid_grant", "error_description": "Account is not fully set up"}))
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.Response:
+        if request.path == "/slow":
+            arrived.set()
+            await asyncio.wait_for(release.wait(), 10)
+        if idp.valid(request.headers.get("Authorization", "").removeprefix("Bearer ")) is None:
+            return web.Response(status=401)
+        return web.Response(status=404 if request.path == "/missing" else 200, text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream)
+    client = await start_proxy(aiohttp_client, _config(idp, await start_app(aiohttp_server, app)))
+    await _ready(client)  # after one rejected login and the backoff, the second login succeeds
+
+    assert (await client.get("/ok", headers=KEY)).status == 200
+    assert (await client.post("/missing", headers=KEY, data=b"x")).status == 404
+    assert (await client.get("/ok")).status == 401  # no API key: the proxy answers itself
+    assert (await client.request("PROPFIND", "/ok", headers=KEY)).status == 200
+    idp.revoke_all_access()  # the upstream now answers 401: one refresh, one retry
+    assert (await client.get("/ok", headers=KEY)).status == 200
+
+    slow = asyncio.create_task(client.get("/slow", headers=KEY))
+    try:
+        await asyncio.wait_for(arrived.wait(), 5)
+        during = _metrics(await (await client.get("/-/metrics", headers=KEY)).text())
+        assert _value(during, "oauth_sidecar_requests_in_flight") == 1
+    finally:
+        release.set()
+    assert (await slow).status == 200
+
+    assert (await client.get("/-/metrics")).status == 401
+    resp = await client.get("/-/metrics", headers=KEY)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = await resp.text()
+    m = _metrics(text)
+    tokens = "oauth_sidecar_token_requests_total"
+    assert _value(m, tokens, kind="login", outcome="rejected") == 1
+    assert _value(m, tokens, kind="login", outcome="ok") == 1
+    assert _value(m, tokens, kind="refresh", outcome="ok") == 1
+    assert _value(m, "oauth_sidecar_token_failures_total", kind="login", reason="invalid_grant") == 1
+    assert 250 < _value(m, "oauth_sidecar_token_expiry_seconds") <= 300
+    assert _value(m, "oauth_sidecar_token_ready") == 1
+
+    requests = "oauth_sidecar_requests_total"
+    assert _value(m, requests, method="GET", status="2xx", code="200", source="upstream") == 3
+    assert _value(m, requests, method="POST", status="4xx", code="404", source="upstream") == 1
+    assert _value(m, requests, method="GET", status="4xx", code="401", source="proxy") == 1
+    assert _value(m, requests, method="OTHER", status="2xx", code="200", source="upstream") == 1
+    assert _value(m, "oauth_sidecar_upstream_auth_retries_total") == 1
+
+    # Sent upstream: /ok, /missing, PROPFIND, /ok twice (401 then the retry), /slow.
+    histogram = "oauth_sidecar_upstream_duration_seconds"
+    assert _value(m, histogram + "_count") == 6
+    buckets = [(float(s.labels["le"]), s.value) for s in m[histogram + "_bucket"]]
+    assert buckets == sorted(buckets) and buckets[-1] == (float("inf"), 6)
+    assert _value(m, histogram + "_sum") > 0
+    assert _value(m, "oauth_sidecar_requests_in_flight") == 0
+    for secret in _secrets(idp):
+        assert secret not in text
+
+
+async def test_other_methods_share_one_series(aiohttp_server, aiohttp_client):
+    """Methods outside the standard set (WebDAV and the like) are counted as one class, OTHER."""
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    for method in ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "PURGE"):
+        assert (await client.request(method, "/v1/echo", headers=KEY)).status == 200
+    m = _metrics(await (await client.get("/-/metrics", headers=KEY)).text())
+    methods = {s.labels["method"] for s in m["oauth_sidecar_requests_total"]}
+    assert methods == {"OTHER"}
+    assert _value(m, "oauth_sidecar_requests_total", method="OTHER", code="200") == 5
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+async def _proxy_logging_to(buffer: io.StringIO, fmt: str, aiohttp_server: Any, aiohttp_client: Any) -> Any:
+    idp = await _idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    config = _config(idp, api_url)
+    setup_logging("info", fmt, config.secrets(), stream=buffer)
+    return await start_proxy(aiohttp_client, config)
+
+
+async def test_json_access_log_and_request_id(aiohttp_server, aiohttp_client):
+    """JSON logs are one object a line; an access line carries method, the path without its query string,
+    status, bytes, duration and the request id, which also reached the upstream and came back."""
+    buffer = io.StringIO()
+    client = await _proxy_logging_to(buffer, "json", aiohttp_server, aiohttp_client)
+    await _ready(client)
+    mine = await client.get("/v1/echo/a%20b?marker=query-marker-7431&x=1", headers={**KEY, "X-Request-Id": "req-42"})
+    generated = await client.get("/v1/echo/c?marker=query-marker-7431", headers=KEY)
+    bodies = [await mine.read(), await generated.read()]
+
+    assert mine.headers["X-Request-Id"] == "req-42"
+    refused = await client.get("/v1/echo/d?marker=query-marker-7431")  # no API key: the proxy answers
+    bodies.append(await refused.read())
+    generated_id = generated.headers["X-Request-Id"]
+    assert len(generated_id) >= 16 and generated_id != refused.headers["X-Request-Id"]
+    for body, request_id in ((bodies[0], "req-42"), (bodies[1], generated_id)):
+        upstream_headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert upstream_headers["x-request-id"] == request_id
+
+    records = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    ours = [r for r in records if r["logger"].startswith("oauth_sidecar")]
+    access = [r for r in ours if r["event"] == "request"]
+    assert [(r["method"], r["path"], r["status"], r["request_id"]) for r in access] == [
+        ("GET", "/v1/echo/a%20b", 200, "req-42"),
+        ("GET", "/v1/echo/c", 200, generated_id),
+        ("GET", "/v1/echo/d", 401, refused.headers["X-Request-Id"]),
+    ]
+    assert [r["bytes"] for r in access] == [len(b) for b in bodies]
+    assert all(isinstance(r["duration_ms"], float | int) and r["duration_ms"] >= 0 for r in access)
+    assert all(r["level"] == "info" and isinstance(r["ts"], float) for r in access)
+    assert "query-marker-7431" not in json.dumps(ours)
+    assert any(r["event"] == "token.obtained" for r in ours)
+
+
+async def test_text_access_log_line(aiohttp_server, aiohttp_client):
+    """Text logs: timestamp, level, event name, then key=value fields; the query string is left out."""
+    buffer = io.StringIO()
+    client = await _proxy_logging_to(buffer, "text", aiohttp_server, aiohttp_client)
+    await _ready(client)
+    resp = await client.get("/v1/echo/t?marker=query-marker-7431", headers={**KEY, "X-Request-Id": "txt-1"})
+    size = len(await resp.read())
+    lines = [line for line in buffer.getvalue().splitlines() if " request method=" in line]
+    assert len(lines) == 1
+    assert re.fullmatch(
+        rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ info request method=GET path=/v1/echo/t status=200 "
+        rf"bytes={size} duration_ms=[0-9.]+ request_id=txt-1",
+        lines[0],
+    )
+    token_lines = [line for line in buffer.getvalue().splitlines() if " token.obtained " in line]
+    assert len(token_lines) == 1 and "kind=login" in token_lines[0]
+
+
+async def _full_cycle(aiohttp_server: Any, aiohttp_client: Any, **auth: Any) -> tuple[DemoIdP, Any]:
+    """Transient login failure, rejected login, login, forwarded requests, a refresh after an upstream 401,
+    a request with a wrong API key, then shutdown with the session ended at the provider."""
+    idp = await _idp(aiohttp_server)
+    idp.fail_next(
+        Fault(503, {"error": "temporarily_unavailable", "error_description": "Keycloak is restarting"}),
+        Fault(400, {"error": "invalid_grant", "error_description": "Account disabled"}),
+    )
+    api, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"revoke_on_shutdown": True, **auth}))
+    await _ready(client)
+    assert (await client.get("/v1/hello?who=me", headers=KEY)).status == 200
+    assert (await client.post("/v1/echo", data=b"payload", headers=KEY)).status == 200
+    idp.revoke_all_access()
+    assert (await client.get("/v1/hello", headers=KEY)).status == 200  # 401 upstream -> refresh -> retry
+    assert (await client.get("/v1/hello", headers={"X-Api-Key": "wrong-key"})).status == 401
+    assert (await client.get("/-/status", headers=KEY)).status == 200
+    await client.close()  # runs the app's cleanup: the session is ended at the provider
+    assert idp.hits["logout"] == 1
+    assert len(api.rejected) == 1  # the revoked token, once
+    return idp, client
+
+
+async def test_token_events_logged_once_each(aiohttp_server, aiohttp_client, caplog):
+    """Login, refresh and each failure are logged exactly once, failures with the provider's error and
+    error_description."""
+    caplog.set_level(logging.DEBUG)
+    await _full_cycle(aiohttp_server, aiohttp_client)
+    events = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records if r.name == "oauth_sidecar"]
+
+    def named(name: str, **match: Any) -> list[dict[str, Any]]:
+        return [f for e, f in events if e == name and all(f.get(k) == v for k, v in match.items())]
+
+    assert len(named("token.obtained", kind="login")) == 1
+    assert len(named("token.obtained", kind="refresh")) == 1
+    assert len(named("token.obtained")) == 2
+    (unavailable,) = named("token.unavailable")
+    assert unavailable["reason"] == "server_error"
+    assert "temporarily_unavailable: Keycloak is restarting" in unavailable["detail"]
+    (rejected,) = named("token.login_rejected")
+    assert (rejected["error"], rejected["description"]) == ("invalid_grant", "Account disabled")
+    assert len(named("token.rejected_upstream")) == 1
+    refreshed = named("token.obtained", kind="refresh")[0]["token"]
+    assert named("token.session_ended") == [{"how": "logout", "token": refreshed}]
+
+
+async def test_no_secret_in_debug_logs_of_a_full_cycle(aiohttp_server, aiohttp_client, caplog):
+    """At debug level, the records of a whole login/refresh/forward/shutdown cycle (before the redaction
+    safety net) contain no password, client secret, API key, access or refresh token."""
+    caplog.set_level(logging.DEBUG)
+    idp, _ = await _full_cycle(aiohttp_server, aiohttp_client)
+    assert any(r["password"] == PASSWORD and r["client_secret"] == CLIENT_SECRET for r in idp.requests)
+    secrets = _secrets(idp)
+    assert len(idp.issued) >= 4  # type: ignore[attr-defined]  # two access and two refresh tokens
+
+    text_format, json_format = TextFormatter(), JsonFormatter()
+    outputs = []
+    for record in caplog.records:
+        outputs.append(text_format.format(record))
+        outputs.append(json_format.format(record))
+        outputs.append(repr(record.__dict__))
+    everything = "\n".join(outputs)
+    assert "token.obtained" in everything and "request" in everything
+    for secret in secrets:
+        assert secret not in everything
