@@ -135,7 +135,8 @@ class AuthConfig:
     revoke_url: str = ""
     logout_url: str = ""
     timeout_s: float = 30.0
-    extra: Mapping[str, str] = field(default_factory=dict)
+    # Values keep their TOML type: a JSON token body sends true/3 as JSON, a form sends "true"/"3".
+    extra: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     auth_string: bool = False  # from the preset: send base64(username:password) as auth_string
 
 
@@ -423,7 +424,7 @@ def _build(raw: _Raw, source: str) -> Config:
             max_connections=values["listen"]["max_connections"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
-        auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): str(v) for k, v in auth["extra"].items()})}),
+        auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
         inject=InjectConfig(**values["inject"]),
         access=AccessConfig(
             allow_methods=tuple(m.upper() for m in access["allow_methods"]),

@@ -219,7 +219,7 @@ class IdentityProvider:
     async def _post(self, url: str, fields: Mapping[str, str], form_only: bool = False) -> Reply:
         """POST ``fields`` with client authentication; the body comes back parsed, or raw when not JSON."""
         a = self._auth
-        payload = dict(fields)
+        payload: dict[str, Any] = dict(fields)
         headers = {"Accept": "application/json"}
         if a.client_auth == "basic" and a.client_secret:
             pair = f"{quote(a.client_id, safe='')}:{quote(a.client_secret, safe='')}"
@@ -233,7 +233,10 @@ class IdentityProvider:
             payload.setdefault(key, value)
         body_kind = "form" if form_only else a.body
         headers["Content-Type"] = TOKEN_CONTENT_TYPES[body_kind]
-        data = json.dumps(payload) if body_kind == "json" else urlencode(payload)
+        if body_kind == "json":
+            data = json.dumps(payload)
+        else:
+            data = urlencode({k: _form_value(v) for k, v in payload.items()})
         try:
             async with self._session.post(url, data=data, headers=headers, timeout=self._timeout) as resp:
                 raw = await resp.content.read(MAX_ERROR_BODY if resp.status >= 300 else -1)
@@ -333,6 +336,13 @@ def _jwt_claims(token: str) -> dict[str, Any]:
     except jwt.PyJWTError:
         return {}
     return claims if isinstance(claims, dict) else {}
+
+
+def _form_value(value: Any) -> str:
+    """A form field from a config value: TOML's true/false as JSON spells them, not Python's True."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _number(value: Any) -> float | None:

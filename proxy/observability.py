@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -116,13 +117,28 @@ def event(name: str, level: int = logging.INFO, logger: logging.Logger = log, **
         logger.log(level, name, extra={"fields": fields})
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every malformed request at ERROR with a traceback quoting the raw bytes: any
+    client could flood the log with it, and the bytes may hold a header value. One WARNING line
+    naming the kind of error is what an operator needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = "request.malformed", (), None, None
+            record.fields = {"error": type(exc).__name__, "status": exc.code}
+        return True
+
+
 def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), stream: Any = None) -> Redactor:
     """Send our loggers (and aiohttp's) to ``stream`` through the redaction filter."""
     redactor = Redactor(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(MalformedRequestFilter())
     handler.addFilter(RedactingFilter(redactor))
-    for name in (LOGGER_NAME, "aiohttp"):
+    for name in (LOGGER_NAME, "aiohttp", "asyncio"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False

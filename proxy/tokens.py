@@ -136,8 +136,7 @@ class TokenManager:
             return self.usable()  # someone renewed it already
         if self._flight is not None:  # a renewal is under way (maybe for another 401 on this token): share it
             await self._join_flight(rejected)
-            token = self.usable()
-            return token if token is not rejected else None
+            return self._after_renewal(rejected)
         now = self._clock()
         if now - self._last_rejection_renewal < self._rejection_interval:
             return None
@@ -146,6 +145,17 @@ class TokenManager:
         self._last_rejection_renewal = now
         event("token.rejected_upstream", level=logging.INFO, token=rejected.id)
         await self._join_flight(rejected)
+        return self._after_renewal(rejected)
+
+    def _after_renewal(self, rejected: Token) -> Token | None:
+        """The token to retry with after a 401-triggered renewal, or None.
+
+        When the provider refused the credentials too, the token the upstream rejected is dropped:
+        holding it would keep /-/ready green while every client gets the upstream's 401.
+        """
+        if self._token is rejected and self.phase is Phase.REJECTED:
+            self._token = None
+            event("token.dropped", level=logging.WARNING, token=rejected.id, reason="rejected upstream")
         token = self.usable()
         return token if token is not rejected else None
 

@@ -178,3 +178,25 @@ async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohtt
     status = await (await client.get("/-/status")).json()
     assert status["counters"]["failures"] == 2
     assert status["last_error"]["reason"] == "server_error"
+
+
+async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refused_too(aiohttp_server, aiohttp_client):
+    """The upstream refuses the token, the refresh token is dead and the password was changed: the proxy
+    must stop calling itself ready, and say why."""
+    idp = await start_idp(aiohttp_server)
+    _api, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
+    assert (await client.get("/v1/hello")).status == 200
+
+    idp.revoke_all_access()
+    idp.revoke_all_refresh()
+    idp.users["demo"] = WRONG_PASSWORD  # the account's password changed under us
+    resp = await client.get("/v1/hello")
+    assert resp.status == 401  # the upstream's answer: nothing to retry with
+
+    ready = await client.get("/-/ready")
+    assert ready.status == 503
+    assert "invalid_grant" in (await ready.json())["detail"]
+    resp = await client.get("/v1/hello")
+    assert resp.status == 503
+    assert "invalid_grant" in (await resp.json())["detail"]

@@ -852,13 +852,22 @@ def test_webcommander_store_must_be_https():
     assert _config(auth, upstream="http://127.0.0.1:9000").auth.token_url == "http://127.0.0.1:9000/api/v4/oauth2/token"
 
 
-def test_extra_values_become_strings():
-    """auth.extra values are kept as strings, numbers included (the next test sends them)."""
-    config = _config(
-        {"provider": "oauth2", "token_url": "https://a.example/t", "grant_type": "client_credentials"}
-        | {"client_id": "c", "extra": {"audience": "https://api.example.com", "resource": 7}}
-    )
-    assert dict(config.auth.extra) == {"audience": "https://api.example.com", "resource": "7"}
+@pytest.mark.parametrize(
+    ("body", "expected"), [("form", {"lang": "en", "days": "7", "offline": "true"}), ("json", None)]
+)
+async def test_extra_values_keep_their_toml_types(aiohttp_server, aiohttp_client, body, expected):
+    """A JSON token body sends TOML's 7 and true as JSON's 7 and true; a form sends "7" and "true" (not "True")."""
+    fake = await start_fake(aiohttp_server, _o2_fake())
+    extra = {"lang": "en", "days": 7, "offline": True}
+    mapping = _o2_mapping(fake, grant_type="client_credentials", body=body, extra=extra)
+    client = await _proxy(aiohttp_client, mapping)
+    assert (await client.get("/v1/hello")).status == 200
+    seen = fake.seen[0]
+    if body == "json":
+        assert seen.raw_json is not None
+        assert {k: seen.raw_json[k] for k in extra} == extra
+    else:
+        assert {k: seen.fields[k] for k in extra} == expected
 
 
 async def test_extra_fields_reach_the_token_endpoint(aiohttp_server, aiohttp_client):

@@ -45,6 +45,7 @@ class Seen:
     content_type: str
     fields: dict[str, str]
     basic: tuple[str, str] | None = None  # (client_id, client_secret) from an HTTP Basic header
+    raw_json: dict[str, Any] | None = None  # a JSON body as sent, with its types
 
     @property
     def grant(self) -> str:
@@ -335,6 +336,7 @@ class FakeOAuth2(FakeTokenServer):
 async def _read_token_request(request: web.Request) -> Seen:
     content_type = request.content_type
     fields: dict[str, str] = {}
+    raw_json = None
     if content_type == FORM:
         fields = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     elif content_type == JSON:
@@ -344,6 +346,7 @@ async def _read_token_request(request: web.Request) -> Seen:
             data = None
         if isinstance(data, dict):
             fields = {str(k): str(v) for k, v in data.items()}
+            raw_json = data
     basic = None
     auth = request.headers.get("Authorization", "")
     if auth.startswith("Basic "):
@@ -352,7 +355,7 @@ async def _read_token_request(request: web.Request) -> Seen:
             basic = (unquote_plus(user), unquote_plus(password))  # RFC 6749 §2.3.1: form-urlencoded first
         except (binascii.Error, UnicodeDecodeError):
             basic = ("", "")
-    return Seen(content_type, fields, basic)
+    return Seen(content_type, fields, basic, raw_json)
 
 
 def _error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
