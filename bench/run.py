@@ -5,7 +5,8 @@
 Starts, all on 127.0.0.1: a fast upstream (nginx when installed, else a minimal aiohttp server)
 serving a 200-byte JSON body and a 100 MiB file; a fake identity provider (proxy.demo.DemoIdP,
 each token request slowed by 200 ms); the sidecar in front of the upstream; nginx as a reference
-proxy (one worker) when installed. On a machine with two or more cores the proxies are pinned to
+proxy (one worker) when installed; and aiohttp's server answering by itself (``aiohttp_alone``), the
+ceiling of anything built on it. On a machine with two or more cores the proxies are pinned to
 core 0 and the upstream, the identity provider and the load generator to core 1.
 
 Load comes from wrk when installed (``wrk -t1 -cN -dDs --latency``), else from bench/loadgen.py.
@@ -160,6 +161,12 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer static-token-for-the-reference-proxy";
+      # Buffer in memory only: with the defaults, nginx spools large responses to temp files on disk
+      # and streams at a third of this speed, which would flatter the sidecar.
+      proxy_max_temp_file_size 0;
+      proxy_buffers 32 64k;
+      proxy_buffer_size 64k;
+      proxy_busy_buffers_size 128k;
     }}
   }}
 }}
@@ -336,6 +343,13 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             proc = procs.start(pinned(0, [python, "-m", "proxy", "--config", str(conf)]), tmp / f"{name}.log", env)
             wait_http(f"http://127.0.0.1:{port}/-/ready")
             targets[name] = Target(name, port, proc.pid)
+
+        # The ceiling of any proxy built on aiohttp's server: the server answering by itself.
+        port = free_port()
+        argv = [python, "-m", "bench.servers", "upstream", str(port), str(tmp)]
+        proc = procs.start(pinned(0, argv), tmp / "aiohttp-alone.log", env)
+        wait_http(f"http://127.0.0.1:{port}/small")
+        targets["aiohttp_alone"] = Target("aiohttp_alone", port, proc.pid)
         yield {"targets": targets, "upstream": upstream_kind, "tmp": tmp, "nginx": bool(nginx)}
     finally:
         procs.stop_all()
@@ -355,7 +369,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             load(t.port, "/small", 8, 1.0)  # warm up: connections, caches
             t.c1 = load(t.port, "/small", 1, d)
             t.c64 = load(t.port, "/small", 64, d)
-            t.stream_mb_s = stream_mb_s(t.port, args.stream_runs)
+            if t.name != "aiohttp_alone":
+                t.stream_mb_s = stream_mb_s(t.port, args.stream_runs)
             print(f"  measured {t.name}", file=sys.stderr)
 
         refreshing = targets["sidecar_refreshing"]
@@ -391,11 +406,14 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         "stream_sidecar_over_direct": side["stream_mb_s"] / direct["stream_mb_s"],
         "rss_growth_mib_8x100MiB": side["extra"]["rss_growth_mib"],
         "p99_c64_refreshing_over_steady": t["sidecar_refreshing"]["c64"]["p99_us"] / side["c64"]["p99_us"],
+        "c64_rps_sidecar_over_aiohttp_alone": side["c64"]["rps"] / t["aiohttp_alone"]["c64"]["rps"],
     }
     if ngx is not None:
         out["c64_rps_sidecar_over_nginx"] = side["c64"]["rps"] / ngx["c64"]["rps"]
         out["c1_rps_sidecar_over_nginx"] = side["c1"]["rps"] / ngx["c1"]["rps"]
         out["stream_sidecar_over_nginx"] = side["stream_mb_s"] / ngx["stream_mb_s"]
+        out["c64_rps_aiohttp_alone_over_nginx"] = t["aiohttp_alone"]["c64"]["rps"] / ngx["c64"]["rps"]
+        out["added_p50_us_nginx_over_direct_c1"] = ngx["c1"]["p50_us"] - direct["c1"]["p50_us"]
     return {k: round(v, 3) for k, v in out.items()}
 
 

@@ -88,7 +88,7 @@ class Forwarder:
         method = request.method
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{self._id_prefix}{next(self._ids):012x}"
         status, size = 0, 0
-        self._metrics.in_flight.inc()
+        self._metrics.in_flight_count += 1
         try:
             response, size = await self._forward(request, method, request_id)
             status = response.status
@@ -115,7 +115,7 @@ class Forwarder:
             size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
             return response
         finally:
-            self._metrics.in_flight.dec()
+            self._metrics.in_flight_count -= 1
             if self._access_log and access_log.isEnabledFor(logging.INFO):
                 event(
                     "request",
@@ -210,7 +210,7 @@ class Forwarder:
 
     async def _send(self, method: str, head: bytes, body: bytes | StreamReader | None, token: Token) -> Exchange:
         # The token goes last, so nothing the client sent can override it.
-        head += b"%s: %s\r\n\r\n" % (self._inject, token.header_value.encode("latin-1"))
+        head += b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
         started = time.monotonic()
         exchange = await self._pool.request(method, head, body)
         self._metrics.upstream_duration.observe(time.monotonic() - started)

@@ -273,9 +273,10 @@ class IdentityProvider:
                 problem += f" (error: {_clean(body['error'])}"
                 problem += f": {_clean(body['error_description'])})" if body.get("error_description") else ")"
             raise TokenUnavailable(f"token response has {problem}", reason="invalid_response")
-        if not access.isprintable() or any(c.isspace() for c in access):
+        if not access.isascii() or not access.isprintable() or any(c.isspace() for c in access):
             raise TokenUnavailable(
-                "token response has an access_token with spaces or control characters", reason="invalid_response"
+                "token response has an access_token with spaces, control or non-ASCII characters",
+                reason="invalid_response",
             )
         token_type = body.get("token_type")
         if token_type is not None and str(token_type).lower() not in SUPPORTED_TOKEN_TYPES:

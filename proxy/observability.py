@@ -189,7 +189,10 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # A plain int on the hot path (no lock per request), read when metrics are scraped.
+        self.in_flight_count = 0
         self.in_flight = Gauge("oauth_sidecar_requests_in_flight", "Requests being forwarded now.", registry=r)
+        self.in_flight.set_function(lambda: self.in_flight_count)
         self.auth_retries = Counter(
             "oauth_sidecar_upstream_auth_retries",
             "Requests retried after the upstream answered 401 with the current token.",

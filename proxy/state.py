@@ -142,6 +142,13 @@ class Token:
     scope: str = ""
     wall_expires_at: float = 0.0  # for display only (status, --check)
     header_value: str = field(default="", repr=False)  # the injected header's value, built once
+    # Derived once, read by every request (the hot path compares a clock with it and sends the bytes).
+    usable_until: float = field(init=False, repr=False, compare=False)
+    header_bytes: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "usable_until", self.expires_at - self.skew)
+        object.__setattr__(self, "header_bytes", self.header_value.encode())
 
     @property
     def lifetime(self) -> float:
@@ -164,7 +171,7 @@ class Token:
 
     def unusable_at(self) -> float:
         """From when on the token must not be sent."""
-        return self.expires_at - self.skew
+        return self.usable_until
 
     def health(self, now: float, margin: float) -> Health:
         if now >= self.unusable_at():

@@ -108,14 +108,14 @@ class TokenManager:
     def usable(self) -> Token | None:
         """The held token if it may be sent now, else None. No I/O, no lock."""
         token = self._token
-        if token is not None and self._clock() < token.unusable_at():
+        if token is not None and self._clock() < token.usable_until:
             return token
         return None
 
     async def get(self) -> Token:
         """A usable token: the held one, or one from the renewal in flight; else :class:`NoToken`."""
         token = self._token
-        if token is not None and self._clock() < token.unusable_at():
+        if token is not None and self._clock() < token.usable_until:
             return token
         if self._flight is None and self._waiting_out_backoff():
             raise NoToken(self.reason(), retry_after=self.retry_after())

@@ -657,8 +657,21 @@ HTML_500 = "<!DOCTYPE html><html><head><title>500</title></head><body><h1>Intern
             "token_type 'mac' is not supported",
         ),
         (Fault(200, "<html><body>Sign in</body></html>"), "answered 200 with an HTML page, not a JSON object"),
+        (
+            Fault(200, {"access_token": LEAKY + "\u00e9", "token_type": "Bearer", "expires_in": 3600}),
+            "access_token with spaces, control or non-ASCII characters",
+        ),
     ],
-    ids=["html-500", "no-access-token", "200-with-error", "expires-in-text", "expires-in-infinity", "mac", "html-200"],
+    ids=[
+        "html-500",
+        "no-access-token",
+        "200-with-error",
+        "expires-in-text",
+        "expires-in-infinity",
+        "mac",
+        "html-200",
+        "non-ascii-token",
+    ],
 )
 async def test_unusable_token_response_is_a_clear_503(aiohttp_server, aiohttp_client, caplog, fault, reason):
     """An unusable token response: a warning naming the problem, 503 with it in `detail`, recovery once it is fixed."""
