@@ -249,11 +249,6 @@ def download(port: int) -> float:
     return elapsed
 
 
-def stream_mb_s(port: int, runs: int) -> float:
-    times = [download(port) for _ in range(runs)]
-    return BIG_BYTES / 1e6 / statistics.median(times)
-
-
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -359,28 +354,43 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def median_load(runs: list[Load]) -> Load:
+    return Load(
+        statistics.median(r.rps for r in runs),
+        statistics.median(r.p50_us for r in runs),
+        statistics.median(r.p99_us for r in runs),
+        sum(r.errors for r in runs),
+    )
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
+    """Every target is measured once per round, the rounds interleaved, and each figure is the median
+    over the rounds: a shared machine drifts by tens of percent over minutes, and interleaving makes
+    the ratios (what the targets are about) robust to it."""
     with environment(args) as env:
         targets: dict[str, Target] = env["targets"]  # type: ignore[assignment]
         d = args.duration
-        for t in targets.values():
-            if t.name == "sidecar_refreshing":
-                continue
-            load(t.port, "/small", 8, 1.0)  # warm up: connections, caches
-            t.c1 = load(t.port, "/small", 1, d)
-            t.c64 = load(t.port, "/small", 64, d)
-            if t.name != "aiohttp_alone":
-                t.stream_mb_s = stream_mb_s(t.port, args.stream_runs)
-            print(f"  measured {t.name}", file=sys.stderr)
-
+        c1: dict[str, list[Load]] = {name: [] for name in targets}
+        c64: dict[str, list[Load]] = {name: [] for name in targets}
+        streams: dict[str, list[float]] = {name: [] for name in targets}
         refreshing = targets["sidecar_refreshing"]
         before = token_counters(refreshing.port)
-        load(refreshing.port, "/small", 8, 1.0)
-        refreshing.c1 = load(refreshing.port, "/small", 1, d)
-        refreshing.c64 = load(refreshing.port, "/small", 64, d)
+        for t in targets.values():
+            load(t.port, "/small", 8, 1.0)  # warm up: connections, caches
+        for round_no in range(args.rounds):
+            for t in targets.values():
+                c1[t.name].append(load(t.port, "/small", 1, d))
+                c64[t.name].append(load(t.port, "/small", 64, d))
+                if t.name not in ("aiohttp_alone", "sidecar_refreshing"):
+                    streams[t.name].append(BIG_BYTES / 1e6 / download(t.port))
+            print(f"  round {round_no + 1}/{args.rounds} done", file=sys.stderr)
         after = token_counters(refreshing.port)
         refreshing.extra["refreshes_during_run"] = after["refreshes"] - before["refreshes"]
         refreshing.extra["logins_during_run"] = after["logins"] - before["logins"]
+        for t in targets.values():
+            t.c1, t.c64 = median_load(c1[t.name]), median_load(c64[t.name])
+            if streams[t.name]:
+                t.stream_mb_s = statistics.median(streams[t.name])
 
         for name in ("sidecar", "nginx"):
             t = targets.get(name)
@@ -393,6 +403,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             "upstream": env["upstream"],
             "load_generator": "wrk" if shutil.which("wrk") else "bench/loadgen.py",
             "duration_s": d,
+            "rounds": args.rounds,
             "targets": {name: asdict(t) for name, t in targets.items()},
         }
 
@@ -428,7 +439,8 @@ TARGETS = {  # issue 6: what each ratio must reach
 
 def report(results: dict[str, object], r: dict[str, float]) -> str:
     lines = [
-        f"upstream: {results['upstream']}, load: {results['load_generator']}, {results['duration_s']}s per run",
+        f"upstream: {results['upstream']}, load: {results['load_generator']}, {results['duration_s']}s per run, "
+        f"median of {results['rounds']} interleaved rounds",
         "",
         "| target | c=1 req/s | c=1 p50 | c=1 p99 | c=64 req/s | c=64 p50 | c=64 p99 | 100 MiB stream |",
         "|---|---|---|---|---|---|---|---|",
@@ -458,15 +470,15 @@ def report(results: dict[str, object], r: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run (default 10)")
-    parser.add_argument("--stream-runs", type=int, default=3, help="100 MiB downloads per target (median)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians (default 3)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
     parser.add_argument("--access-log", action="store_true", help="keep the sidecar's access log on (default off)")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.stream_runs = 2.0, 1
+        args.duration, args.rounds = 2.0, 1
     results = measure(args)
     r = ratios(results)
     results["ratios"] = r

@@ -80,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.head_done = False
         self.until_eof = False
+        self.remaining: int | None = None  # body bytes still due, when framed by Content-Length
         self.keep_alive = False
         self.error: BaseException | None = None
         self.got_bytes = False
@@ -98,6 +99,19 @@ class Connection(asyncio.Protocol):
             self._abort()
             return
         self.got_bytes = True
+        remaining = self.remaining
+        if remaining and self.head_done and not self.complete:
+            # The rest of a Content-Length body: llhttp would only count it, and httptools would copy
+            # every chunk into new bytes on the way; take it as it came (a copy less per 256 KiB
+            # while streaming) and give the next response on this connection a fresh parser.
+            if len(data) > remaining:  # more than announced: keep what was due, never reuse
+                data, self.keep_alive = data[:remaining], False
+            self.remaining = remaining = remaining - len(data)
+            self._add_body(data)
+            if remaining == 0:
+                self._parser = httptools.HttpResponseParser(self)
+                self.complete = True
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -152,16 +166,24 @@ class Connection(asyncio.Protocol):
         self.head_done = True
         self.keep_alive = self._parser.should_keep_alive()  # only meaningful before the body
         if not self._head_only and status not in (204, 304):
-            framed = False
+            length = chunked = None
             for name, value in self.headers:
                 lowered = name.lower()
-                if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-                    framed = True
-                    break
-            self.until_eof = not framed
+                if lowered == b"content-length":
+                    length = int(value)  # llhttp has checked it is one number
+                elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            self.until_eof = length is None and not chunked
+            if length is not None and not chunked:
+                self.remaining = length
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.remaining is not None:
+            self.remaining -= len(body)
+        self._add_body(body)
+
+    def _add_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self._paused_reading and self.transport is not None:

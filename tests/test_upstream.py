@@ -245,3 +245,48 @@ async def test_host_header_omits_the_default_port():
 
     assert host("https://api.example:443/v1") == (b"Host", b"api.example")
     assert host("http://127.0.0.1:8080") == (b"Host", b"127.0.0.1:8080")
+
+
+async def test_content_length_body_in_many_segments_then_the_connection_is_reused():
+    """The body after the head bypasses the parser; the next response on the connection still parses."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+
+    async def segmented(reader, writer, n):
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000])
+            await writer.drain()
+            for i in range(1000, len(body), 300_000):
+                await asyncio.sleep(0.01)
+                writer.write(body[i : i + 300_000])
+                await writer.drain()
+        await reader.read()
+
+    server = await serve(lambda s: segmented)
+    pool = pool_for(server)
+    for _ in range(2):
+        exchange = await pool.request("GET", GET, None)
+        assert await read_all(exchange) == body
+    assert server.connections == 1
+    await pool.close()
+    await server.__aexit__()
+
+
+async def test_bytes_beyond_content_length_are_dropped_and_the_connection_is_not_reused():
+    async def overlong(reader, writer, n):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"0123456789EXTRA-BYTES")
+        await writer.drain()
+        await reader.read()
+
+    server = await serve(lambda s: overlong)
+    pool = pool_for(server)
+    exchange = await pool.request("GET", GET, None)
+    assert await read_all(exchange) == b"0123456789"
+    await pool.request("GET", GET, None)  # a new connection: the old one carried stray bytes
+    assert server.connections == 2
+    await pool.close()
+    await server.__aexit__()
