@@ -117,13 +117,14 @@ class Guard:
         """Method and path rules for a request to be forwarded; ``path`` is the raw path."""
         if method in REFUSED_METHODS:
             raise BadRequest(REFUSED_METHODS[method])
-        decoded = unquote(path)
+        decoded = unquote(path) if "%" in path else path
         if "\x00" in decoded:
             raise BadRequest("the path contains a NUL byte")
-        for segment in decoded.replace("\\", "/").split("/"):
-            # "..;x" is ".." to servers that drop path parameters (Tomcat, Spring): refused too.
-            if segment.partition(";")[0] in (".", ".."):
-                raise BadRequest("the path contains '.' or '..' segments; send the normalised path")
+        if "." in decoded:  # the common path has no dot segment to look for
+            for segment in decoded.replace("\\", "/").split("/"):
+                # "..;x" is ".." to servers that drop path parameters (Tomcat, Spring): refused too.
+                if segment.partition(";")[0] in (".", ".."):
+                    raise BadRequest("the path contains '.' or '..' segments; send the normalised path")
         if self._methods and method not in self._methods:
             raise Forbidden(f"method {method} is not in access.allow_methods")
         if self._paths and not (decoded in self._exact_paths or decoded.startswith(self._paths)):
