@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -193,7 +194,10 @@ async def check(config: Config) -> int:
 
 async def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """The embedded default: demo identity provider and demo API on loopback, the proxy in front."""
-    idp = DemoIdP(access_lifetime_s=DEV_ACCESS_LIFETIME_S)
+    # A fresh random password: the redaction filter masks configured secrets wherever they appear,
+    # and "demo" would also mask the user name and the realm in every log line.
+    password = secrets.token_urlsafe(16)
+    idp = DemoIdP(users={"demo": password}, access_lifetime_s=DEV_ACCESS_LIFETIME_S)
     api = DemoAPI(idp)
     runners = []
     urls = []
@@ -215,7 +219,7 @@ async def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "token_url": idp.token_url(),
                 "client_id": "demo-client",
                 "username": "demo",
-                "password": "demo",
+                "password": password,
             },
         },
         source="--dev",
