@@ -7,6 +7,9 @@ token refresh never queues behind a hundred streaming downloads for a connection
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -182,3 +185,101 @@ def log_startup(config: Config) -> None:
         upstream=config.upstream.url,
         grant_type=config.auth.grant_type,
     )
+
+
+# --- the listener ------------------------------------------------------------------------------------
+
+# A connection refused for being over listen.max_connections may send its request head first; it is
+# read (up to this much, for this long) so the client sees the 503 instead of a connection reset.
+BUSY_READ_LIMIT = 16384
+BUSY_READ_TIMEOUT_S = 2.0
+BUSY_LOG_INTERVAL_S = 10.0
+
+
+class LimitedSite(web.BaseSite):
+    """A TCP listener that holds at most ``limit`` client connections open at once.
+
+    aiohttp's server accepts connections without bound; each idle keep-alive or slow client holds a
+    socket and a handler. Over the limit, a new connection gets ``503`` (JSON, ``Retry-After: 1``)
+    and is closed, and ``sidecar.busy`` is logged at most every ``BUSY_LOG_INTERVAL_S``.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int, metrics: Metrics) -> None:
+        super().__init__(runner, backlog=min(limit, 4096))
+        self._host, self._port, self._limit, self._metrics = host, port, limit, metrics
+        self._refused_since_log = 0
+        self._logged_at = -BUSY_LOG_INTERVAL_S
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        handlers = self._runner.server
+        assert handlers is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(handlers.connections) < self._limit:
+                return handlers()
+            self._refused(loop.time())
+            return _Busy(loop)
+
+        self._server = await loop.create_server(
+            protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+    def _refused(self, now: float) -> None:
+        self._metrics.connections_refused.inc()
+        self._refused_since_log += 1
+        if now - self._logged_at >= BUSY_LOG_INTERVAL_S:
+            event(
+                "sidecar.busy",
+                level=logging.WARNING,
+                limit=self._limit,
+                refused=self._refused_since_log,
+                detail="listen.max_connections client connections are open; new ones get 503",
+            )
+            self._logged_at, self._refused_since_log = now, 0
+
+
+_BUSY_BODY = json.dumps(
+    {"error": "too_many_connections", "detail": "the proxy has listen.max_connections connections open; retry"}
+).encode()
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class _Busy(asyncio.Protocol):
+    """Answers 503 once the request head has arrived (or after a short wait), then closes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._seen = 0
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._timer = self._loop.call_later(BUSY_READ_TIMEOUT_S, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        self._seen += len(data)
+        if b"\r\n\r\n" in data or self._seen >= BUSY_READ_LIMIT:
+            self._answer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def _answer(self) -> None:
+        transport, self._transport = self._transport, None
+        if self._timer is not None:
+            self._timer.cancel()
+        if transport is not None and not transport.is_closing():
+            transport.write(_BUSY_RESPONSE)
+            transport.close()

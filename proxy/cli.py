@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import log_startup, make_app, ssl_context
+from .app import METRICS, LimitedSite, log_startup, make_app, ssl_context
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
@@ -113,7 +113,13 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=config.listen.max_connections)
+        site = LimitedSite(
+            runner,
+            config.listen.host,
+            config.listen.port,
+            limit=config.listen.max_connections,
+            metrics=runner.app[METRICS],
+        )
         await site.start()
     except OSError as exc:
         await runner.cleanup()

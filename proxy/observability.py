@@ -198,6 +198,11 @@ class Metrics:
             "Requests retried after the upstream answered 401 with the current token.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "oauth_sidecar_connections_refused",
+            "Client connections answered 503 and closed because listen.max_connections were open.",
+            registry=r,
+        )
         self.bytes_out = Counter("oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", registry=r)
         self._request_children: dict[tuple[str, int, str], Any] = {}
 
