@@ -16,6 +16,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -135,7 +136,7 @@ class Forwarder:
         target = self._target(request)
         self._guard.check_api_key(request)
         self._guard.check_forward(method, target.partition("?")[0])
-        token = await self._tokens.get()
+        token = self._tokens.usable() or await self._tokens.get()  # no coroutine while it is fresh
 
         body: bytes | StreamReader | None = None
         replayable = True
@@ -150,7 +151,8 @@ class Forwarder:
                 framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
         elif method in BODY_METHODS:
             framing = b"Content-Length: 0\r\n"
-        head = self._request_head(method, target, request.raw_headers, request_id) + framing
+        connection = request.headers.getall("Connection", ())
+        head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing
 
         upstream = await self._send(method, head, body, token)
         if upstream.status == 401 and replayable:
@@ -182,12 +184,16 @@ class Forwarder:
             raise BadRequest("absolute-form request targets for other hosts are not forwarded (not an open proxy)")
         raise BadRequest(f"request target {raw[:60]!r} is not a path")
 
-    def _request_head(self, method: str, target: str, raw: RawHeaders, request_id: str) -> bytes:
-        """Request line, Host and the client's end-to-end headers, as raw bytes; no token, no framing."""
+    def _request_head(
+        self, method: str, target: str, raw: RawHeaders, request_id: str, connection: Iterable[str]
+    ) -> bytes:
+        """Request line, Host and the client's end-to-end headers, as raw bytes; no token, no framing.
+
+        ``connection``: the values of the client's Connection headers; the headers they name are dropped.
+        """
         drop = self._drop_request
-        for name, value in raw:
-            if name.lower() == b"connection":
-                drop = drop | {token.strip().lower() for token in value.split(b",")}
+        for listed in connection:
+            drop = drop | {name.strip().lower().encode("utf-8", "surrogateescape") for name in listed.split(",")}
         parts = [
             method.encode("ascii"),
             b" ",
@@ -219,19 +225,23 @@ class Forwarder:
     async def _relay(
         self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None
     ) -> tuple[web.StreamResponse, int]:
-        headers: CIMultiDict[str] = CIMultiDict()
         drop = self._drop_response
-        for name, value in upstream.headers:
-            if name.lower() == b"connection":
-                drop = drop | {token.strip().lower() for token in value.split(b",")}
         content_length: int | None = None
+        named: set[bytes] = set()  # headers the upstream's Connection header names
+        kept = []
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
                 if lowered == b"content-length":
                     content_length = int(value)
+                elif lowered == b"connection":
+                    named.update(token.strip().lower() for token in value.split(b","))
                 continue
-            headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+            kept.append((lowered, name, value))
+        headers: CIMultiDict[str] = CIMultiDict()
+        for lowered, name, value in kept:
+            if lowered not in named:
+                headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
         if REQUEST_ID_HEADER not in headers:
             headers[REQUEST_ID_HEADER] = request_id
         if origin is not None:
@@ -242,7 +252,7 @@ class Forwarder:
 
         if upstream.complete and status not in NO_BODY_STATUSES and request.method != "HEAD":
             # The whole body is here already (small responses): one write, no streaming machinery.
-            body = await upstream.read()
+            body = upstream.take()
             self._metrics.bytes_out.inc(len(body))
             return web.Response(status=status, reason=upstream.reason, headers=headers, body=body), len(body)
 

@@ -273,6 +273,10 @@ class Exchange:
         """The whole body has arrived (it can be taken at once with :meth:`read`)."""
         return self._conn.complete
 
+    def take(self) -> bytes:
+        """Every body byte received so far, without waiting (all of it once :attr:`complete`)."""
+        return self._conn.take() if self._conn.chunks else b""
+
     async def read(self) -> bytes:
         """The next body bytes; b"" at the end. Raises :class:`BodyInterrupted` on a failure."""
         conn = self._conn
@@ -342,7 +346,7 @@ class Pool:
         self._loop = loop
         deadline = loop.time() + self._timeout
         for attempt in range(2):
-            conn = await self._acquire(loop, deadline)
+            conn = self._idle_connection() or await self._acquire(loop, deadline)
             try:
                 return await self._exchange(loop, conn, method, head, body, deadline, retry=attempt == 0)
             except _Retry:
@@ -411,17 +415,26 @@ class Pool:
 
     # --- the pool --------------------------------------------------------------------------------
 
+    def _idle_connection(self) -> Connection | None:
+        """The most recently used idle connection that is still good, or None."""
+        if self._closed:
+            return None
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.used_at < KEEPALIVE_S:
+                conn.reused = True
+                return conn
+            self._discard(conn)
+        return None
+
     async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
         while True:
             if self._closed:
                 raise UpstreamUnreachable("the proxy is shutting down")
-            now = time.monotonic()
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed and now - conn.used_at < KEEPALIVE_S:
-                    conn.reused = True
-                    return conn
-                self._discard(conn)
+            conn = self._idle_connection()
+            if conn is not None:
+                return conn
             if self._open < self._limit:
                 self._open += 1
                 try:
