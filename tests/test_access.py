@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
@@ -190,4 +193,12 @@ async def test_trace_and_connect_are_not_forwarded(setup):
     api, client = await setup()
     resp = await client.request("TRACE", "/v1/echo")
     assert resp.status == 400
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(1 << 16), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
     assert _upstream_requests(api) == 0

@@ -19,6 +19,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -340,33 +341,105 @@ def compose_text() -> str:
     return COMPOSE.read_text()
 
 
-def compose_env() -> dict[str, str]:
-    """The sidecar service's environment (with PyYAML when installed, else read from the text)."""
+def block_yaml(text: str) -> Any:
+    """The block-style YAML the compose file is written in: mappings, ``- `` lists, ``>-`` folded
+    scalars, ``[a, b]`` flow lists and quoted scalars. PyYAML is not a test dependency, and without a
+    reader the structure checks below would have nothing to check."""
+    rows: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        content = re.sub(r"(^|\s)#.*$", "", line).rstrip()
+        if content.strip():
+            rows.append((len(content) - len(content.lstrip()), content.strip()))
+    pos = 0
+
+    def scalar(value: str) -> Any:
+        if value.startswith("[") and value.endswith("]"):
+            return [scalar(part.strip()) for part in value[1:-1].split(",") if part.strip()]
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            return value[1:-1]
+        return value
+
+    def value_after(value: str, indent: int) -> Any:
+        nonlocal pos
+        if value in (">", ">-", "|", "|-"):
+            folded = []
+            while pos < len(rows) and rows[pos][0] > indent:
+                folded.append(rows[pos][1])
+                pos += 1
+            return ("\n" if value.startswith("|") else " ").join(folded)
+        if value:
+            return scalar(value)
+        if pos < len(rows) and rows[pos][0] > indent:
+            return block(rows[pos][0])
+        return None
+
+    def block(indent: int) -> Any:
+        nonlocal pos
+        if rows[pos][1].startswith("- "):
+            items = []
+            while pos < len(rows) and rows[pos][0] == indent and rows[pos][1].startswith("- "):
+                pos += 1
+                items.append(value_after(rows[pos - 1][1][2:].strip(), indent))
+            return items
+        mapping: dict[str, Any] = {}
+        while pos < len(rows) and rows[pos][0] == indent:
+            key, colon, value = rows[pos][1].partition(":")
+            assert colon, f"not a block mapping entry: {rows[pos][1]!r}"
+            pos += 1
+            mapping[key.strip()] = value_after(value.strip(), indent)
+        return mapping
+
+    document = block(rows[0][0])
+    assert pos == len(rows), f"unread from: {rows[pos][1]!r}"
+    return document
+
+
+def compose_document() -> Any:
+    """docker-compose.yml, read by PyYAML when installed, else by block_yaml()."""
     try:
         import yaml
     except ImportError:
-        env = {}
-        for key, value in re.findall(r"^\s+(OAUTH_SIDECAR_[A-Z0-9_]+):\s*(.*?)\s*$", compose_text(), re.MULTILINE):
-            env[key] = value.strip("\"'")
-        return env
-    document = yaml.safe_load(compose_text())
-    env = document["services"]["sidecar"]["environment"]
+        return block_yaml(compose_text())
+    return yaml.safe_load(compose_text())
+
+
+def compose_env() -> dict[str, str]:
+    """The sidecar service's environment."""
+    env = compose_document()["services"]["sidecar"]["environment"]
     if isinstance(env, list):  # the KEY=value list form
         env = dict(item.split("=", 1) for item in env)
     return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()}
 
 
+def test_compose_reader_reads_what_compose_reads():
+    """The little YAML reader gives what PyYAML gives for the forms the compose file uses (so the checks
+    below mean something without PyYAML)."""
+    text = (
+        "# a comment\nservices:\n  a:\n    build: .\n    cap_drop: [ALL]\n    stop_grace_period: 40s  # why\n"
+        "    environment:\n      K: \"v\"\n      L: 'w x'\n    secrets:\n      - s1\n      - s2\n"
+        "    command:\n      - >-\n        one two\n        three\n    depends_on:\n      b:\n"
+        "        condition: service_healthy\nsecrets:\n  s1:\n    file: ./s1\n"
+    )
+    assert block_yaml(text) == {
+        "services": {
+            "a": {
+                "build": ".",
+                "cap_drop": ["ALL"],
+                "stop_grace_period": "40s",
+                "environment": {"K": "v", "L": "w x"},
+                "secrets": ["s1", "s2"],
+                "command": ["one two three"],
+                "depends_on": {"b": {"condition": "service_healthy"}},
+            }
+        },
+        "secrets": {"s1": {"file": "./s1"}},
+    }
+
+
 def test_compose_file_structure():
     """Two services, the sidecar built here and a client; secrets declared and handed to both."""
-    text = compose_text()
-    assert "\t" not in text
-    try:
-        import yaml
-    except ImportError:
-        for needed in ("services:", "  sidecar:", "  client:", "secrets:", "build: .", "depends_on:"):
-            assert needed in text, needed
-        return
-    document = yaml.safe_load(text)
+    assert "\t" not in compose_text()
+    document = compose_document()
     services = document["services"]
     assert set(services) == {"sidecar", "client"}
     sidecar, client = services["sidecar"], services["client"]

@@ -32,7 +32,9 @@ async def test_path_and_query_arrive_byte_exact(aiohttp_server, aiohttp_client):
 
 async def test_body_and_headers_arrive_intact(aiohttp_server, aiohttp_client):
     """The body arrives byte for byte; end-to-end headers keep their values; the client's credentials do not."""
-    _, _, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
+    idp = await start_idp(aiohttp_server)
+    _api, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
     body = os.urandom(300_000)
     resp = await client.put(
         "/v1/echo/upload",
@@ -60,8 +62,27 @@ async def test_body_and_headers_arrive_intact(aiohttp_server, aiohttp_client):
     assert headers["content-type"] == "application/octet-stream"
     for gone in ("x-hop", "keep-alive", "te", "proxy-authorization"):
         assert gone not in headers
-    assert headers["host"] != client.server.host  # Host is the upstream's
+    assert headers["host"] == api_url.removeprefix("http://")  # Host is the upstream's
     assert echoed["subject"] == "demo"  # the injected token, not the client's, authenticated it
+
+
+async def test_client_authorization_is_replaced_not_added(aiohttp_server, aiohttp_client):
+    """The upstream sees exactly one Authorization header, the injected token, never the client's own."""
+    idp = await start_idp(aiohttp_server)
+    seen = []
+
+    async def record(request):
+        seen.append(request.headers.getall("Authorization", []))
+        return web.json_response({})
+
+    url = await _upstream_app(aiohttp_server, record)
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, url))
+    resp = await client.get("/x", headers={"Authorization": "Bearer client-supplied-should-vanish"})
+    assert resp.status == 200
+    [arrived] = seen
+    assert len(arrived) == 1 and arrived[0].startswith("Bearer ")
+    issued = idp.valid(arrived[0].removeprefix("Bearer "))
+    assert issued is not None and issued.subject == "demo"
 
 
 async def test_host_is_the_upstreams(aiohttp_server, aiohttp_client):
@@ -119,15 +140,16 @@ async def test_no_accept_encoding_is_added(aiohttp_server, aiohttp_client):
     seen = {}
 
     async def record(request):
-        seen.update(request.headers)
+        seen.update((name.lower(), value) for name, value in request.headers.items())
         return web.json_response({})
 
     url = await _upstream_app(aiohttp_server, record)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, url))
     client.session._default_headers.pop("Accept-Encoding", None)
     await client.get("/x", skip_auto_headers=["Accept-Encoding", "User-Agent"])
-    assert "Accept-Encoding" not in seen
-    assert "User-Agent" not in seen
+    assert "host" in seen  # the request arrived, its header names in lower case
+    assert "accept-encoding" not in seen
+    assert "user-agent" not in seen
 
 
 async def test_hop_by_hop_response_headers_dropped(aiohttp_server, aiohttp_client):

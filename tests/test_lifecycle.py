@@ -9,9 +9,11 @@ import asyncio
 import time
 from collections import Counter
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.app import METRICS
 from proxy.demo import DemoIdP
 from proxy.observability import TextFormatter
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
@@ -62,13 +64,24 @@ async def test_burst_of_200_requests_causes_one_login(aiohttp_server, aiohttp_cl
     idp.base_url = str(server.make_url("")).rstrip("/")
     api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
-    burst = [asyncio.create_task(client.get("/v1/hello")) for _ in range(200)]
-    await asyncio.sleep(0.3)  # let the burst reach the proxy and queue behind the login
-    assert not any(task.done() for task in burst)
-    idp.gate.set()
-    responses = await asyncio.wait_for(asyncio.gather(*burst), 60)
-    assert [r.status for r in responses] == [200] * 200
-    assert {(await r.json())["subject"] for r in responses} == {"demo"}
+    # A session without the default limit of 100 connections, so all 200 are at the proxy together.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def hello() -> tuple[int, str]:
+            async with session.get(client.make_url("/v1/hello")) as resp:
+                return resp.status, (await resp.json())["subject"]
+
+        burst = [asyncio.create_task(hello()) for _ in range(200)]
+        metrics = client.server.app[METRICS]
+        deadline = time.monotonic() + 10
+        while metrics.in_flight_count < 200:  # the whole burst has reached the proxy and waits for the login
+            assert time.monotonic() < deadline, f"{metrics.in_flight_count} of 200 requests reached the proxy"
+            await asyncio.sleep(0.01)
+        assert not any(task.done() for task in burst)
+        assert idp.waiting == 1 and idp.token_requests == 0  # the one login is still held at the gate
+        idp.gate.set()
+        responses = await asyncio.wait_for(asyncio.gather(*burst), 60)
+    assert responses == [(200, "demo")] * 200
     assert idp.waiting == 1
     assert idp.token_requests == 1
     assert api.rejected == []

@@ -262,6 +262,8 @@ async def test_rfc7009_revocation_on_shutdown_only_when_asked(aiohttp_server, ai
         if (await client.get("/-/ready")).status == 200:
             break
         await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the proxy did not become ready")
     held = set(idp.refresh)
     assert len(held) == 1
     await client.close()  # the app's cleanup, as on SIGTERM

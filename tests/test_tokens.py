@@ -428,8 +428,8 @@ async def test_renewal_after_refresh_and_login_were_rejected(managers):
 
 
 async def test_close_stops_the_scheduler_and_ends_the_session(managers):
-    """close(revoke=True) ends the session at the provider once and leaves no token behind."""
-    idp = FakeIdP()
+    """close(revoke=True) ends the session at the provider once and leaves no token behind; no renewal follows."""
+    idp = FakeIdP(lifetime=1.0)  # the scheduler would refresh at half the lifetime, 0.5 s after the login
     tm = managers(idp)
     tm.start()
     token = await asyncio.wait_for(tm.get(), 5)
@@ -437,6 +437,8 @@ async def test_close_stops_the_scheduler_and_ends_the_session(managers):
     assert idp.ended == [token]
     assert tm.phase is Phase.STOPPED
     assert tm.usable() is None
+    await asyncio.sleep(token.obtained_at + 0.7 - time.monotonic())  # past the time the refresh was due
+    assert idp.kinds == ["login"]
 
 
 async def test_status_and_logs_never_show_a_token(managers, caplog):
