@@ -53,6 +53,9 @@ REQUEST_ID_HEADER = "X-Request-Id"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NO_BODY_STATUSES = frozenset({204, 304})
 RawHeaders = tuple[tuple[bytes, bytes], ...]
+# A client's X-Request-Id is kept when it is this short and plain; otherwise one is generated, so a
+# client cannot put control characters or a megabyte into every log line and upstream request.
+MAX_REQUEST_ID = 128
 
 
 def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
@@ -74,6 +77,7 @@ class Forwarder:
         self._replay_limit = config.upstream.replay_limit_bytes
         self._inject = config.inject.header.encode("ascii")
         drop = set(HOP_BY_HOP) | {"host", "authorization", config.inject.header.lower(), "expect", "content-length"}
+        drop.add(REQUEST_ID_HEADER.lower())  # sent again as the id we log
         if config.access.api_key:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business
         self._drop_request = frozenset(name.encode("ascii") for name in drop)
@@ -87,7 +91,9 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         method = request.method
-        request_id = request.headers.get(REQUEST_ID_HEADER) or f"{self._id_prefix}{next(self._ids):012x}"
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")
+        if not _usable_request_id(request_id):
+            request_id = f"{self._id_prefix}{next(self._ids):012x}"
         status, size = 0, 0
         self._metrics.in_flight_count += 1
         try:
@@ -202,16 +208,10 @@ class Forwarder:
             b" HTTP/1.1\r\n",
             self._host_line,
         ]
-        has_id = False
         for name, value in raw:
-            lowered = name.lower()
-            if lowered in drop:
-                continue
-            if lowered == b"x-request-id":
-                has_id = True
-            parts += (name, b": ", value, b"\r\n")
-        if not has_id:
-            parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")
+            if name.lower() not in drop:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")  # the id we log, exactly
         return b"".join(parts)
 
     async def _send(self, method: str, head: bytes, body: bytes | StreamReader | None, token: Token) -> Exchange:
@@ -287,3 +287,7 @@ class Forwarder:
         self._metrics.bytes_out.inc(size)
         await response.write_eof()
         return response, size
+
+
+def _usable_request_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable()

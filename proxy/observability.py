@@ -205,6 +205,7 @@ class Metrics:
         )
         self.bytes_out = Counter("oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", registry=r)
         self._request_children: dict[tuple[str, int, str], Any] = {}
+        self._failure_reasons: set[str] = set()
 
     def count_request(self, method: str, status: int, source: str) -> None:
         """Count one answered request. Any method outside the standard ones is counted as OTHER, so a
@@ -217,8 +218,20 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
 
+    def count_token_failure(self, kind: str, reason: str) -> None:
+        """Count a failed token request. The reason is often the provider's own ``error`` string: a
+        reason that is not a plain code, or beyond the first ``MAX_FAILURE_REASONS`` seen, is counted as
+        ``other``, so a misbehaving provider cannot grow the metric without bound."""
+        if reason not in self._failure_reasons:
+            if len(self._failure_reasons) >= MAX_FAILURE_REASONS or not _PLAIN_CODE.fullmatch(reason):
+                reason = "other"
+            self._failure_reasons.add(reason)
+        self.token_failures.labels(kind, reason).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
+MAX_FAILURE_REASONS = 32
+_PLAIN_CODE = re.compile(r"[a-z0-9_]{1,40}")
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -373,7 +373,7 @@ class TokenManager:
         self.counts["rejections" if outcome == "rejected" else "failures"] += 1
         if self._metrics is not None:
             self._metrics.token_requests.labels(kind, outcome).inc()
-            self._metrics.token_failures.labels(kind, reason).inc()
+            self._metrics.count_token_failure(kind, reason)
 
     def _next_wake(self) -> float | None:
         """Monotonic time of the next renewal attempt, or None when there is nothing to schedule."""

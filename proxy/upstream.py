@@ -43,6 +43,10 @@ KEEPALIVE_S = 4.0
 # Request bodies that stream (unknown or large size) are sent in chunks of at most this size.
 WRITE_CHUNK = 256 * 1024
 HeaderList = list[tuple[bytes, bytes]]
+# A response head larger than this, or with more header lines, is refused (502): httptools sets no
+# limit of its own, and every byte of it would be held in memory and copied to the client.
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEADERS = 256
 # A request lost on a reused connection is sent again only when repeating it is harmless (RFC 9110
 # §9.2.2): the upstream may have read a POST and acted on it before closing without an answer.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -75,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: HeaderList = []
+        self.head_bytes = 0
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.complete = False
@@ -155,12 +160,21 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_HEADERS:
+            self._fail(
+                ConnectionError(
+                    f"the upstream sent a response head over {MAX_RESPONSE_HEAD // 1024} KiB "
+                    f"or {MAX_RESPONSE_HEADERS} header lines"
+                )
+            )
+            raise ValueError("response head too large")  # stops llhttp; data_received aborts
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
             self._informational = True
-            self.headers, self.reason = [], b""
+            self.headers, self.reason, self.head_bytes = [], b"", 0
             return
         self.status = status
         self.head_done = True

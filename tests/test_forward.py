@@ -325,3 +325,15 @@ async def test_request_id_is_sent_upstream_and_back(aiohttp_server, aiohttp_clie
     headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
     assert headers["x-request-id"] == "abc-123"
     assert resp.headers["X-Request-Id"] == "abc-123"
+
+
+async def test_an_oversized_or_odd_client_request_id_is_replaced(aiohttp_server, aiohttp_client):
+    """A client cannot put a huge or control-character id into every log line and upstream request."""
+    _, _, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
+    for sent in ("x" * 129, "caf\u00e9"):
+        resp = await client.get("/v1/echo", headers={"X-Request-Id": sent})
+        assert resp.status == 200
+        echoed = [v for k, v in (await resp.json())["headers"] if k.lower() == "x-request-id"]
+        returned = resp.headers["X-Request-Id"]
+        assert returned != sent and len(returned) == 32
+        assert echoed == [returned]  # exactly one id upstream: the one the proxy logs

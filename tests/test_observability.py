@@ -390,3 +390,28 @@ async def test_no_secret_in_debug_logs_of_a_full_cycle(aiohttp_server, aiohttp_c
     assert {"token.obtained", "request", "token.session_ended"} <= names  # login, forwarding, shutdown all logged
     for secret in secrets:
         assert secret not in everything
+
+
+def test_token_failure_reasons_cannot_grow_the_metric_without_bound():
+    """The reason label is often the provider's own error string: odd ones and those past the cap are
+    counted as "other"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.observability import MAX_FAILURE_REASONS, Metrics
+
+    metrics = Metrics()
+    metrics.count_token_failure("login", "invalid_grant")
+    metrics.count_token_failure("login", "RESTEASY003065: Cannot consume content type")
+    for i in range(MAX_FAILURE_REASONS * 3):
+        metrics.count_token_failure("refresh", f"made_up_{i}")
+    metrics.count_token_failure("login", "invalid_grant")
+    reasons: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        if family.name == "oauth_sidecar_token_failures":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    reason = sample.labels["reason"]
+                    reasons[reason] = reasons.get(reason, 0) + sample.value
+    assert reasons["invalid_grant"] == 2
+    assert len(reasons) == MAX_FAILURE_REASONS  # invalid_grant, other, and the first 30 made-up ones
+    assert reasons["other"] == 1 + (MAX_FAILURE_REASONS * 3 - (MAX_FAILURE_REASONS - 2))

@@ -290,3 +290,14 @@ async def test_bytes_beyond_content_length_are_dropped_and_the_connection_is_not
     assert server.connections == 2
     await pool.close()
     await server.__aexit__()
+
+
+async def test_an_oversized_response_head_is_refused():
+    """httptools has no limit of its own: 300 header lines from the upstream are a 502, not memory."""
+    many = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 10) for i in range(300))
+    server = await serve(answering(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 2\r\n\r\nok"))
+    pool = pool_for(server)
+    with pytest.raises(UpstreamUnreachable, match="header lines"):
+        await pool.request("GET", GET, None)
+    await pool.close()
+    await server.__aexit__()
