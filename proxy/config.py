@@ -392,9 +392,10 @@ def _build(raw: _Raw, source: str) -> Config:
     preset = PRESETS.get(auth["provider"])
     if preset is None:
         raise fail("auth", "provider", f"unknown provider {auth['provider']!r} (known: {', '.join(PRESETS)})")
-    # The preset fills whatever the user did not set.
+    # The preset fills whatever the user did not set; an issuer the user gives replaces the preset's
+    # token URL (its endpoints are then found by OpenID discovery).
     for key, value in preset.auth.items():
-        if not raw.has("auth", key):
+        if not raw.has("auth", key) and not (key == "token_url" and raw.has("auth", "issuer")):
             auth[key] = value
     if not raw.has("upstream", "url") and preset.upstream_url:
         values["upstream"]["url"] = preset.upstream_url
@@ -407,7 +408,7 @@ def _build(raw: _Raw, source: str) -> Config:
     _validate(values, preset, raw, fail)
     upstream_url = values["upstream"]["url"].rstrip("/")
     values["upstream"]["url"] = upstream_url
-    if not auth["token_url"] and preset.token_path:
+    if not auth["token_url"] and not auth["issuer"] and preset.token_path:
         auth["token_url"] = upstream_url + preset.token_path
     if preset.keycloak and auth["token_url"].endswith("/token"):
         base = auth["token_url"][: -len("/token")]
@@ -516,9 +517,10 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     for key in ("token_url", "issuer", "revoke_url", "logout_url"):
         if auth[key] and (problem := check_url(auth[key])):
             raise fail("auth", key, problem)
-    if not auth["token_url"] and not preset.token_path and not (preset.keycloak and auth["issuer"]):
-        hint = " or issuer" if preset.keycloak else ""
-        raise fail("auth", "token_url", f"required for provider {preset.name!r} (give token_url{hint})")
+    if raw.has("auth", "token_url") and raw.has("auth", "issuer"):
+        raise fail("auth", "issuer", "give either token_url or issuer (OpenID discovery), not both")
+    if not auth["token_url"] and not preset.token_path and not auth["issuer"]:
+        raise fail("auth", "token_url", f"required for provider {preset.name!r} (give token_url or issuer)")
     if auth["refresh_margin_s"] < 0:
         raise fail("auth", "refresh_margin_s", "must not be negative")
     for key in ("default_lifetime_s", "timeout_s"):

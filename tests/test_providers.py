@@ -728,6 +728,25 @@ def _config(auth: dict[str, Any], upstream: str | None = "https://api.example.co
     return config_from_mapping(mapping, source="test.toml")
 
 
+ISSUER = "https://sso.example.com/realms/reports"
+
+
+@pytest.mark.parametrize("provider", ["we360", "oli", "keycloak", "oauth2"])
+def test_an_issuer_replaces_the_token_url_for_any_provider(provider):
+    """An issuer the user gives is used (OpenID discovery), never silently ignored for a preset's URL."""
+    auth = {"provider": provider, "issuer": ISSUER, "client_id": "c", "username": "u", "password": "p"}
+    config = _config(auth)
+    assert config.auth.issuer == ISSUER
+    assert config.auth.token_url == ""
+
+
+def test_token_url_and_issuer_together_are_refused():
+    auth = {"provider": "keycloak", "issuer": ISSUER, "token_url": ISSUER + "/protocol/openid-connect/token"}
+    with pytest.raises(ConfigError) as caught:
+        _config({**auth, "client_id": "c", "username": "u", "password": "p"})
+    assert "auth.issuer" in str(caught.value) and "not both" in str(caught.value)
+
+
 def test_we360_needs_only_customer_id_user_and_password():
     """provider we360 fills the ind-prod token URL, the API URL, the password grant, form and Bearer."""
     config = _config({"client_id": "cust-1", "username": "u@example.com", "password": "p"}, upstream=None)
