@@ -118,42 +118,43 @@ def wait_http(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         time.sleep(0.1)
 
 
-def nginx_upstream_conf(tmp: Path, port: int) -> str:
-    body = SMALL_BODY.decode().replace("'", "")
+def nginx_conf(tmp: Path, name: str, http: str) -> str:
+    """A one-worker, foreground nginx configuration keeping its files in ``tmp`` under ``name``."""
     return f"""
 worker_processes 1;
 daemon off;
-pid {tmp}/nginx-upstream.pid;
-error_log {tmp}/nginx-upstream.err warn;
+pid {tmp}/nginx-{name}.pid;
+error_log {tmp}/nginx-{name}.err warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  client_body_temp_path {tmp}/up-body; proxy_temp_path {tmp}/up-proxy;
-  fastcgi_temp_path {tmp}/up-fcgi; uwsgi_temp_path {tmp}/up-uwsgi; scgi_temp_path {tmp}/up-scgi;
+  client_body_temp_path {tmp}/{name}-body; proxy_temp_path {tmp}/{name}-proxy;
+  fastcgi_temp_path {tmp}/{name}-fcgi; uwsgi_temp_path {tmp}/{name}-uwsgi; scgi_temp_path {tmp}/{name}-scgi;
   keepalive_requests 1000000;
-  sendfile on;
-  server {{
-    listen 127.0.0.1:{port};
-    location = /small {{ default_type application/json; return 200 '{body}'; }}
-    location = /big {{ default_type application/octet-stream; alias {tmp}/big.bin; }}
-  }}
+{http}
 }}
 """
 
 
+def nginx_upstream_conf(tmp: Path, port: int) -> str:
+    body = SMALL_BODY.decode().replace("'", "")
+    return nginx_conf(
+        tmp,
+        "upstream",
+        f"""  sendfile on;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /small {{ default_type application/json; return 200 '{body}'; }}
+    location = /big {{ default_type application/octet-stream; alias {tmp}/big.bin; }}
+  }}""",
+    )
+
+
 def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
-    return f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx-proxy.pid;
-error_log {tmp}/nginx-proxy.err warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/px-body; proxy_temp_path {tmp}/px-proxy;
-  fastcgi_temp_path {tmp}/px-fcgi; uwsgi_temp_path {tmp}/px-uwsgi; scgi_temp_path {tmp}/px-scgi;
-  keepalive_requests 1000000;
-  upstream api {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    return nginx_conf(
+        tmp,
+        "proxy",
+        f"""  upstream api {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -168,9 +169,8 @@ http {{
       proxy_buffer_size 64k;
       proxy_busy_buffers_size 128k;
     }}
-  }}
-}}
-"""
+  }}""",
+    )
 
 
 def sidecar_conf(tmp: Path, name: str, port: int, upstream_port: int, idp_port: int, access_log: bool) -> Path:

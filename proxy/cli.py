@@ -22,9 +22,8 @@ from .app import METRICS, LimitedSite, log_startup, make_app, ssl_context
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
-from .idp import IdentityProvider
+from .idp import IdentityProvider, try_end_session
 from .observability import event, setup_logging
-from .tokens import END_SESSION_TIMEOUT_S
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
@@ -182,12 +181,8 @@ async def check(config: Config) -> int:
         # sessions to be ended; a failure here does not fail the check (the login worked).
         session_note = ""
         if config.auth.revoke_on_shutdown:
-            try:
-                how = await asyncio.wait_for(idp.end_session(token), END_SESSION_TIMEOUT_S)
-                session_note = f"; session ended ({how})"
-            except (TimeoutError, TokenRejected, TokenUnavailable) as exc:
-                detail = exc.detail if isinstance(exc, TokenRejected | TokenUnavailable) else "timed out"
-                session_note = f"; ending the session failed ({detail})"
+            ended, what = await try_end_session(idp, token)
+            session_note = f"; session ended ({what})" if ended else f"; ending the session failed ({what})"
 
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.wall_expires_at))
     print(

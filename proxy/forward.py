@@ -157,7 +157,7 @@ class Forwarder:
                 framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
         elif method in BODY_METHODS:
             framing = b"Content-Length: 0\r\n"
-        connection = request.headers.getall("Connection", ())
+        connection = request.headers.getall("Connection", [])
         head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing
 
         upstream = await self._send(method, head, body, token)
@@ -190,16 +190,14 @@ class Forwarder:
             raise BadRequest("absolute-form request targets for other hosts are not forwarded (not an open proxy)")
         raise BadRequest(f"request target {raw[:60]!r} is not a path")
 
-    def _request_head(
-        self, method: str, target: str, raw: RawHeaders, request_id: str, connection: Iterable[str]
-    ) -> bytes:
+    def _request_head(self, method: str, target: str, raw: RawHeaders, request_id: str, connection: list[str]) -> bytes:
         """Request line, Host and the client's end-to-end headers, as raw bytes; no token, no framing.
 
         ``connection``: the values of the client's Connection headers; the headers they name are dropped.
         """
         drop = self._drop_request
-        for listed in connection:
-            drop = drop | {name.strip().lower().encode("utf-8", "surrogateescape") for name in listed.split(",")}
+        if connection:
+            drop = drop | _named_in_connection(value.encode("utf-8", "surrogateescape") for value in connection)
         parts = [
             method.encode("ascii"),
             b" ",
@@ -227,7 +225,7 @@ class Forwarder:
     ) -> tuple[web.StreamResponse, int]:
         drop = self._drop_response
         content_length: int | None = None
-        named: set[bytes] = set()  # headers the upstream's Connection header names
+        connection: list[bytes] = []
         kept = []
         for name, value in upstream.headers:
             lowered = name.lower()
@@ -235,9 +233,10 @@ class Forwarder:
                 if lowered == b"content-length":
                     content_length = int(value)
                 elif lowered == b"connection":
-                    named.update(token.strip().lower() for token in value.split(b","))
+                    connection.append(value)
                 continue
             kept.append((lowered, name, value))
+        named = _named_in_connection(connection)
         headers: CIMultiDict[str] = CIMultiDict()
         for lowered, name, value in kept:
             if lowered not in named:
@@ -287,6 +286,11 @@ class Forwarder:
         self._metrics.bytes_out.inc(size)
         await response.write_eof()
         return response, size
+
+
+def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
+    """The header names listed in Connection header values (RFC 9110 §7.6.1), lower case."""
+    return {name.strip().lower() for value in values for name in value.split(b",")}
 
 
 def _usable_request_id(value: str) -> bool:

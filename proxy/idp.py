@@ -37,6 +37,8 @@ TRANSIENT_STATUSES = {408, 425, 429}
 MAX_DESCRIPTION = 200
 MAX_ERROR_BODY = 64 * 1024
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+# How long a session-ending call may delay shutdown (or --check).
+END_SESSION_TIMEOUT_S = 5.0
 SUPPORTED_TOKEN_TYPES = {"bearer"}
 # Token request fields whose values are secrets (auth_string: base64 of username:password).
 SECRET_FIELDS = ("password", "refresh_token", "code", "auth_string", "client_secret")
@@ -326,6 +328,17 @@ class IdentityProvider:
             if seconds > 0:
                 return min(seconds, MAX_LIFETIME_S)
         return min(self._auth.default_lifetime_s, MAX_LIFETIME_S)
+
+
+async def try_end_session(idp: IdentityProvider, token: Token) -> tuple[bool, str]:
+    """``idp.end_session`` bounded by ``END_SESSION_TIMEOUT_S``, for shutdown and ``--check``:
+    ``(True, what was done)`` or ``(False, why not)``; never raises."""
+    try:
+        return True, await asyncio.wait_for(idp.end_session(token), END_SESSION_TIMEOUT_S)
+    except TimeoutError:
+        return False, "timed out"
+    except (TokenRejected, TokenUnavailable) as exc:
+        return False, exc.detail
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 
 from . import state
 from .errors import NoToken, TokenRejected, TokenUnavailable
-from .idp import IdentityProvider
+from .idp import IdentityProvider, try_end_session
 from .observability import Metrics, event
 from .state import Event, Health, Phase, Token
 
@@ -48,8 +48,6 @@ REJECTION_RENEWAL_INTERVAL_S = 5.0
 # While the identity provider is failing, a request without a usable token waits at most this long for
 # the retry in flight: a healthy answer takes milliseconds, a hanging one would hold it until auth.timeout_s.
 FAILING_PROVIDER_WAIT_S = 0.5
-# How long a session-ending call may delay shutdown.
-END_SESSION_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -114,8 +112,8 @@ class TokenManager:
 
     async def get(self) -> Token:
         """A usable token: the held one, or one from the renewal in flight; else :class:`NoToken`."""
-        token = self._token
-        if token is not None and self._clock() < token.usable_until:
+        token = self.usable()
+        if token is not None:
             return token
         if self._flight is None and self._waiting_out_backoff():
             raise NoToken(self.reason(), retry_after=self.retry_after())
@@ -181,12 +179,11 @@ class TokenManager:
         self._move(Event.STOP)
         token = self._token
         if revoke and token is not None:
-            try:
-                how = await asyncio.wait_for(self._idp.end_session(token), END_SESSION_TIMEOUT_S)
-                event("token.session_ended", how=how, token=token.id)
-            except (TimeoutError, TokenRejected, TokenUnavailable) as exc:
-                detail = exc.detail if isinstance(exc, TokenRejected | TokenUnavailable) else "timed out"
-                event("token.session_end_failed", level=logging.WARNING, detail=detail)
+            ended, what = await try_end_session(self._idp, token)
+            if ended:
+                event("token.session_ended", how=what, token=token.id)
+            else:
+                event("token.session_end_failed", level=logging.WARNING, detail=what)
         self._token = None
 
     # --- status ----------------------------------------------------------------------------------

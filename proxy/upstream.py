@@ -114,8 +114,7 @@ class Connection(asyncio.Protocol):
             self.remaining = remaining = remaining - len(data)
             self._add_body(data)
             if remaining == 0:
-                self._parser = httptools.HttpResponseParser(self)
-                self.complete = True
+                self._complete_outside_parser()
             return
         try:
             self._parser.feed_data(data)
@@ -124,11 +123,15 @@ class Connection(asyncio.Protocol):
             self._abort()
             return
         if self._head_only and self.head_done:
-            # A response to HEAD has no body whatever its Content-Length says; llhttp would wait
-            # for one, so the next response on this connection gets a fresh parser.
-            self._parser = httptools.HttpResponseParser(self)
-            self.complete = True
-            self._wake()
+            # A response to HEAD has no body whatever its Content-Length says; llhttp would wait for one.
+            self._complete_outside_parser()
+
+    def _complete_outside_parser(self) -> None:
+        """The response ended where llhttp does not know it (HEAD, a body taken past the parser): the
+        parser still expects body bytes, so the next response on this connection gets a fresh one."""
+        self._parser = httptools.HttpResponseParser(self)
+        self.complete = True
+        self._wake()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
