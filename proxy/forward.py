@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
-from multidict import CIMultiDict
 from yarl import URL
 
 from .access import Guard
@@ -217,7 +216,7 @@ class Forwarder:
         head += b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
         started = time.monotonic()
         exchange = await self._pool.request(method, head, body)
-        self._metrics.upstream_duration.observe(time.monotonic() - started)
+        self._metrics.observe_upstream(time.monotonic() - started)
         return exchange
 
     async def _relay(
@@ -237,22 +236,26 @@ class Forwarder:
                 continue
             kept.append((lowered, name, value))
         named = _named_in_connection(connection)
-        headers: CIMultiDict[str] = CIMultiDict()
+        if origin is not None:
+            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
+        # A list, not a CIMultiDict: aiohttp's response copies what it is given into its own.
+        headers: list[tuple[str, str]] = []
+        has_id = False
         for lowered, name, value in kept:
             if lowered not in named:
-                headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
-        if REQUEST_ID_HEADER not in headers:
-            headers[REQUEST_ID_HEADER] = request_id
+                headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+                has_id = has_id or lowered == b"x-request-id"
+        if not has_id:
+            headers.append((REQUEST_ID_HEADER, request_id))
         if origin is not None:
-            headers["Access-Control-Allow-Origin"] = origin
-            headers.add("Vary", "Origin")
+            headers += (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
         status = upstream.status
         self._metrics.count_request(request.method, status, "upstream")
 
         if upstream.complete and status not in NO_BODY_STATUSES and request.method != "HEAD":
             # The whole body is here already (small responses): one write, no streaming machinery.
             body = upstream.take()
-            self._metrics.bytes_out.inc(len(body))
+            self._metrics.bytes_out_total += len(body)
             return web.Response(status=status, reason=upstream.reason, headers=headers, body=body), len(body)
 
         response = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
@@ -283,7 +286,7 @@ class Forwarder:
             return response, size
         except ConnectionError:
             return response, size  # the client disconnected while we wrote
-        self._metrics.bytes_out.inc(size)
+        self._metrics.bytes_out_total += size
         await response.write_eof()
         return response, size
 

@@ -16,12 +16,16 @@ import logging
 import re
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LOGGER_NAME = "oauth_sidecar"
 log = logging.getLogger(LOGGER_NAME)
@@ -176,21 +180,15 @@ class Metrics:
         self.token_ready = Gauge(
             "oauth_sidecar_token_ready", "1 when a usable access token is held, else 0.", registry=r
         )
-        self.requests = Counter(
-            "oauth_sidecar_requests",
-            "Requests answered, by method class (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, OTHER), status "
-            "class (2xx..5xx), exact status code, and who answered (upstream, proxy).",
-            ["method", "status", "code", "source"],
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "oauth_sidecar_upstream_duration_seconds",
-            "Time from sending a request upstream to receiving its response headers.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        # A plain int on the hot path (no lock per request), read when metrics are scraped.
+        # The per-request figures are plain ints on the hot path (no lock, no label lookup per request),
+        # turned into metric families when scraped: see _PerRequest.
         self.in_flight_count = 0
+        self.request_counts: dict[tuple[str, int, str], int] = {}
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)  # observations <= each bound, not cumulative
+        self.duration_count = 0
+        self.duration_sum = 0.0
+        self.bytes_out_total = 0
+        r.register(_PerRequest(self))
         self.in_flight = Gauge("oauth_sidecar_requests_in_flight", "Requests being forwarded now.", registry=r)
         self.in_flight.set_function(lambda: self.in_flight_count)
         self.auth_retries = Counter(
@@ -203,20 +201,22 @@ class Metrics:
             "Client connections answered 503 and closed because listen.max_connections were open.",
             registry=r,
         )
-        self.bytes_out = Counter("oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", registry=r)
-        self._request_children: dict[tuple[str, int, str], Any] = {}
         self._failure_reasons: set[str] = set()
 
     def count_request(self, method: str, status: int, source: str) -> None:
         """Count one answered request. Any method outside the standard ones is counted as OTHER, so a
         client inventing methods cannot grow the label set (or this cache)."""
-        method_class = method if method in _KNOWN_METHODS else "OTHER"
-        key = (method_class, status, source)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self.requests.labels(method_class, f"{status // 100}xx", str(status), source)
-            self._request_children[key] = child
-        child.inc()
+        key = (method if method in _KNOWN_METHODS else "OTHER", status, source)
+        counts = self.request_counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def observe_upstream(self, seconds: float) -> None:
+        """Time from sending a request upstream to its response head."""
+        self.duration_count += 1
+        self.duration_sum += seconds
+        index = bisect_left(DURATION_BUCKETS, seconds)
+        if index < len(DURATION_BUCKETS):
+            self.duration_buckets[index] += 1
 
     def count_token_failure(self, kind: str, reason: str) -> None:
         """Count a failed token request. The reason is often the provider's own ``error`` string: a
@@ -230,6 +230,42 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PerRequest(Collector):
+    """The per-request counters of :class:`Metrics`, as metric families at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no fixed samples to check for clashes at registration
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "oauth_sidecar_requests",
+            "Requests answered, by method class (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, OTHER), status "
+            "class (2xx..5xx), exact status code, and who answered (upstream, proxy).",
+            labels=["method", "status", "code", "source"],
+        )
+        for (method, status, source), count in sorted(m.request_counts.items()):
+            requests.add_metric([method, f"{status // 100}xx", str(status), source], count)
+        yield requests
+        cumulative, buckets = 0, []
+        for bound, count in zip(DURATION_BUCKETS, m.duration_buckets, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        buckets.append(("+Inf", m.duration_count))
+        duration = HistogramMetricFamily(
+            "oauth_sidecar_upstream_duration_seconds",
+            "Time from sending a request upstream to receiving its response headers.",
+        )
+        duration.add_metric([], buckets, m.duration_sum)
+        yield duration
+        yield CounterMetricFamily(
+            "oauth_sidecar_response_bytes", "Response body bytes relayed to clients.", value=m.bytes_out_total
+        )
 
 
 MAX_FAILURE_REASONS = 32

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import DemoIdP, Fault
-from proxy.observability import JsonFormatter, TextFormatter, setup_logging
+from proxy.observability import JsonFormatter, Metrics, TextFormatter, setup_logging
 from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
 
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
@@ -246,6 +246,25 @@ async def test_metrics_exposition(aiohttp_server, aiohttp_client):
     assert _value(m, "oauth_sidecar_requests_in_flight") == 0
     for secret in _secrets(idp):
         assert secret not in text
+
+
+def test_per_request_metrics_follow_prometheus_semantics():
+    """The per-request figures are plain counters turned into metric families at scrape time: buckets
+    are cumulative and "less than or equal" (a value on a bound counts in that bound's bucket)."""
+    metrics = Metrics()
+    for seconds in (0.0005, 0.001, 0.003, 0.3, 120.0):
+        metrics.observe_upstream(seconds)
+    metrics.bytes_out_total += 1234
+    metrics.count_request("GET", 502, "proxy")
+    metrics.count_request("GET", 502, "proxy")
+    m = _metrics(metrics.exposition().decode())
+    name = "oauth_sidecar_upstream_duration_seconds"
+    buckets = {s.labels["le"]: s.value for s in m[name + "_bucket"]}
+    assert (buckets["0.001"], buckets["0.005"], buckets["0.5"], buckets["60.0"], buckets["+Inf"]) == (2, 3, 4, 4, 5)
+    assert _value(m, name + "_count") == 5
+    assert abs(_value(m, name + "_sum") - 120.3045) < 1e-9
+    assert _value(m, "oauth_sidecar_response_bytes_total") == 1234
+    assert _value(m, "oauth_sidecar_requests_total", method="GET", status="5xx", code="502", source="proxy") == 2
 
 
 async def test_other_methods_share_one_series(aiohttp_server, aiohttp_client):
