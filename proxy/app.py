@@ -12,10 +12,11 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from . import __version__
 from .access import Guard
@@ -35,6 +36,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 GUARD = web.AppKey("guard", Guard)
 
 IDP_POOL_SIZE = 4
+MAX_HEAD_LINE = 16384  # bytes in the request line or one header field; aiohttp's default is 8190
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -49,7 +51,8 @@ def ssl_context(ca_file: str) -> ssl.SSLContext:
 def make_app(config: Config, **manager_options: Any) -> web.Application:
     """The proxy as an aiohttp application. ``manager_options`` go to TokenManager (tests: backoff)."""
     app = web.Application(
-        handler_args={"max_field_size": 16384, "max_line_size": 16384}, middlewares=[_non_path_targets]
+        handler_args={"max_field_size": MAX_HEAD_LINE, "max_line_size": MAX_HEAD_LINE},
+        middlewares=[_non_path_targets],
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
@@ -201,7 +204,8 @@ class LimitedSite(web.BaseSite):
 
     aiohttp's server accepts connections without bound; each idle keep-alive or slow client holds a
     socket and a handler. Over the limit, a new connection gets ``503`` (JSON, ``Retry-After: 1``)
-    and is closed, and ``sidecar.busy`` is logged at most every ``BUSY_LOG_INTERVAL_S``.
+    and is closed, and ``sidecar.busy`` is logged at most every ``BUSY_LOG_INTERVAL_S``. Under it,
+    each connection gets a :class:`_JsonErrors` handler.
     """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int, metrics: Metrics) -> None:
@@ -222,7 +226,9 @@ class LimitedSite(web.BaseSite):
 
         def protocol() -> asyncio.BaseProtocol:
             if len(handlers.connections) < self._limit:
-                return handlers()
+                # What web.Server.__call__ does, with our class (aiohttp has no hook to choose it); minus its
+                # retry without handler_args after a TypeError: ours are fixed in make_app and serve().
+                return _JsonErrors(handlers, loop=handlers._loop, **handlers._kwargs)
             self._refused(loop.time())
             return _Busy(loop)
 
@@ -242,6 +248,52 @@ class LimitedSite(web.BaseSite):
                 detail="listen.max_connections client connections are open; new ones get 503",
             )
             self._logged_at, self._refused_since_log = now, 0
+
+
+# What a client is told when aiohttp's parser refuses its request. Never aiohttp's message or the exception
+# text: they quote the request's bytes (a header value, an API key). Subclasses before their base classes.
+_MALFORMED_DETAILS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEAD_LINE} bytes"),
+    (http_exceptions.InvalidHeader, "invalid header field"),
+    (http_exceptions.BadHttpMethod, "invalid request method"),
+    (http_exceptions.BadStatusLine, "invalid request line"),
+    (http_exceptions.InvalidURLError, "invalid request target"),
+    (http_exceptions.PayloadEncodingError, "invalid body framing"),  # chunked framing, Content-Length
+)
+
+
+def _error_body(status: int, exc: BaseException | None) -> dict[str, str]:
+    if status == HTTPStatus.BAD_REQUEST:
+        detail = next((text for kind, text in _MALFORMED_DETAILS if isinstance(exc, kind)), "malformed HTTP request")
+        return {"error": "bad_request", "detail": detail}
+    if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+        return {"error": "internal_error", "detail": "the proxy failed to handle this request; see its log"}
+    try:
+        known = HTTPStatus(status)
+    except ValueError:  # aiohttp answers only 400, 500 and 504 itself
+        known = HTTPStatus.BAD_REQUEST
+    return {"error": known.phrase.lower().replace(" ", "_").replace("-", "_"), "detail": known.description}
+
+
+class _JsonErrors(web.RequestHandler):
+    """aiohttp's per-connection handler, answering the errors aiohttp makes itself (a request its parser
+    refuses, a handler that raised) with the contract's JSON instead of plain text."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own logs the error (MalformedRequestFilter makes a parse error one request.malformed
+        # line) and raises ConnectionError once a response has started; its plain-text answer is dropped.
+        super().handle_error(request, status, exc, message)
+        response = web.json_response(_error_body(status, exc), status=status)
+        response.force_close()
+        return response
 
 
 _BUSY_BODY = json.dumps(

@@ -1,14 +1,43 @@
-"""The listener as cli.serve() runs it: listen.max_connections bounds the open client connections."""
+"""The listener as cli.serve() runs it: listen.max_connections bounds the open client connections, and a
+request aiohttp's parser refuses gets the contract's JSON error."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 
 from proxy.cli import serve
+from proxy.observability import setup_logging
 from tests.fakes.servers import keycloak_config, start_api, start_idp
+from tests.faults.conftest import wait_for
 
 HEALTHY = b"GET /-/healthy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+# A fake secret sent with each malformed request, in another header and in the refused line itself:
+# aiohttp's own 400 quotes the refused line, so a body that echoed it would show the marker.
+MARKER = b"ak-marker-never-echoed"
+# aiohttp's C parser (llhttp) reports a bad header name as a plain BadHttpMessage; its pure-Python
+# parser (AIOHTTP_NO_EXTENSIONS=1) as InvalidHeader.
+BAD_NAME_DETAIL = "invalid header field" if HttpRequestParser is HttpRequestParserPy else "malformed HTTP request"
+MALFORMED = {
+    "header-name-with-space": (
+        b"GET /v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api-Key: %s\r\nBad Header: %s\r\n\r\n" % (MARKER, MARKER),
+        BAD_NAME_DETAIL,
+    ),
+    "header-line-too-long": (  # the listener's max_field_size is 16384
+        b"GET /v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api-Key: %s\r\nX-Long: %s%s\r\n\r\n"
+        % (MARKER, MARKER, b"a" * 16384),
+        "a request line or header field is longer than 16384 bytes",
+    ),
+}
 
 
 async def _exchange(port: int, request: bytes) -> bytes:
@@ -25,15 +54,45 @@ async def _exchange(port: int, request: bytes) -> bytes:
         writer.close()
 
 
-async def test_connections_over_the_limit_get_503_and_the_limit_frees_up(aiohttp_server):
+async def _until_closed(port: int, request: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
+    """Send ``request`` as-is; read until the server closes the connection: status, headers, body, all bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body, response
+
+
+@contextlib.asynccontextmanager
+async def _serving(aiohttp_server: Any, **listen: Any) -> AsyncIterator[int]:
+    """cli.serve() in this process, in front of the demo IdP and API; yields its port, then stops it."""
     idp = await start_idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    config = keycloak_config(idp, api_url, listen={"port": 0, "max_connections": 2})
+    config = keycloak_config(idp, api_url, listen={"port": 0, **listen})
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     server = asyncio.ensure_future(serve(config, on_listening=listening.set_result, stop=stop))
     try:
-        port = int((await asyncio.wait_for(listening, 10)).rsplit(":", 1)[1])
+        yield int((await asyncio.wait_for(listening, 10)).rsplit(":", 1)[1])
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(server, 15) == 0
+
+
+async def _get_hello(port: int) -> int:
+    """A well-formed request forwarded to the demo API; its status."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/v1/hello") as resp:
+        return resp.status
+
+
+async def test_connections_over_the_limit_get_503_and_the_limit_frees_up(aiohttp_server):
+    async with _serving(aiohttp_server, max_connections=2) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # idle, kept open
         await asyncio.sleep(0.05)
 
@@ -52,6 +111,33 @@ async def test_connections_over_the_limit_get_503_and_the_limit_frees_up(aiohttp
         assert answer.startswith(b"HTTP/1.1 200 ")
         for _, writer in held:
             writer.close()
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(server, 15) == 0
+
+
+@pytest.mark.parametrize("request_bytes, detail", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_requests_get_the_json_error_and_the_listener_keeps_serving(
+    aiohttp_server, request_bytes, detail
+):
+    """A request aiohttp's parser refuses gets 400 with the contract's JSON body (a fixed detail, never the
+    request's bytes), and the connection is closed; the next request through the same listener is forwarded."""
+    async with _serving(aiohttp_server) as port:
+        status, headers, body, response = await _until_closed(port, request_bytes)
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body) == {"error": "bad_request", "detail": detail}
+        assert MARKER not in response
+        assert await _get_hello(port) == 200
+
+
+async def test_a_malformed_request_is_still_logged_as_one_warning_line(aiohttp_server):
+    """The JSON answer does not change the log: one WARNING request.malformed line, no traceback, no bytes."""
+    out = io.StringIO()
+    setup_logging("info", "text", (), stream=out)
+    async with _serving(aiohttp_server) as port:
+        status, headers, _, _ = await _until_closed(port, MALFORMED["header-name-with-space"][0])
+        assert status == 400 and headers["content-type"].startswith("application/json")
+        await wait_for(lambda: "request.malformed" in out.getvalue())
+        assert await _get_hello(port) == 200
+    logged = [line for line in out.getvalue().splitlines() if "request.malformed" in line]
+    assert len(logged) == 1
+    assert "warning request.malformed error=" in logged[0] and "status=400" in logged[0]
+    assert "Traceback" not in out.getvalue() and MARKER.decode() not in out.getvalue()
