@@ -46,6 +46,8 @@ IDP_DELAY_S = 0.2  # every token request takes this long: a request that waited 
 REFRESH_LIFETIME_S = 4.0  # refreshed at half its lifetime: every 2 s during the refresh run
 STEADY_LIFETIME_S = 3600.0
 PARALLEL_DOWNLOADS = 8
+STREAMED = ("direct", "nginx", "sidecar")  # the reference proxies buffer whole bodies: small ones only
+SAME_CORE = ("nginx", "sidecar", "minimal_proxy")  # c=1 also measured with the proxy on the client's core
 READY_TIMEOUT_S = 20.0
 
 
@@ -102,6 +104,34 @@ class Processes:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def pinned_to(pid: int, core: int) -> Iterator[None]:
+    """Move a running process (its threads and its children: nginx's worker) to ``core`` for a while.
+
+    At c=1 every request crosses cores four times (client -> proxy -> upstream and back); on a virtual
+    machine each wake-up of an idle core costs tens of microseconds, more than nginx's own work. The
+    proxy on the client's core shows the latency a proxy adds by its own work.
+    """
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        yield
+        return
+    pids = [pid, *(int(child) for child in _children(pid))]
+    try:
+        for p in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(p)], capture_output=True, check=True)
+        yield
+    finally:
+        for p in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(p)], capture_output=True, check=False)
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
 
 
 def wait_http(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -339,12 +369,19 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             wait_http(f"http://127.0.0.1:{port}/-/ready")
             targets[name] = Target(name, port, proc.pid)
 
-        # The ceiling of any proxy built on aiohttp's server: the server answering by itself.
-        port = free_port()
-        argv = [python, "-m", "bench.servers", "upstream", str(port), str(tmp)]
-        proc = procs.start(pinned(0, argv), tmp / "aiohttp-alone.log", env)
-        wait_http(f"http://127.0.0.1:{port}/small")
-        targets["aiohttp_alone"] = Target("aiohttp_alone", port, proc.pid)
+        # Measuring sticks (bench/servers.py): aiohttp's server answering by itself, the ceiling of anything
+        # built on it; the least a proxy on aiohttp's server can do (forward through the sidecar's pool,
+        # nothing else); the same on bare asyncio transports and httptools.
+        for name, argv in (
+            ("aiohttp_alone", ["upstream", str(tmp)]),
+            ("minimal_proxy", ["minimal_proxy", str(up_port)]),
+            ("lean_proxy", ["lean_proxy", str(up_port)]),
+        ):
+            port = free_port()
+            argv = [python, "-m", "bench.servers", argv[0], str(port), *argv[1:]]
+            proc = procs.start(pinned(0, argv), tmp / f"{name}.log", env)
+            wait_http(f"http://127.0.0.1:{port}/small")
+            targets[name] = Target(name, port, proc.pid)
         yield {"targets": targets, "upstream": upstream_kind, "tmp": tmp, "nginx": bool(nginx)}
     finally:
         procs.stop_all()
@@ -373,6 +410,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         c1: dict[str, list[Load]] = {name: [] for name in targets}
         c64: dict[str, list[Load]] = {name: [] for name in targets}
         streams: dict[str, list[float]] = {name: [] for name in targets}
+        same_core: dict[str, list[float]] = {name: [] for name in targets}
         refreshing = targets["sidecar_refreshing"]
         before = token_counters(refreshing.port)
         for t in targets.values():
@@ -381,8 +419,11 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             for t in targets.values():
                 c1[t.name].append(load(t.port, "/small", 1, d))
                 c64[t.name].append(load(t.port, "/small", 64, d))
-                if t.name not in ("aiohttp_alone", "sidecar_refreshing"):
+                if t.name in STREAMED:
                     streams[t.name].append(BIG_BYTES / 1e6 / download(t.port))
+                if t.name in SAME_CORE and t.pid is not None:
+                    with pinned_to(t.pid, 1):
+                        same_core[t.name].append(load(t.port, "/small", 1, d).p50_us)
             print(f"  round {round_no + 1}/{args.rounds} done", file=sys.stderr)
         after = token_counters(refreshing.port)
         refreshing.extra["refreshes_during_run"] = after["refreshes"] - before["refreshes"]
@@ -391,6 +432,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             t.c1, t.c64 = median_load(c1[t.name]), median_load(c64[t.name])
             if streams[t.name]:
                 t.stream_mb_s = statistics.median(streams[t.name])
+            if same_core[t.name]:
+                t.extra["c1_p50_us_same_core"] = statistics.median(same_core[t.name])
 
         for name in ("sidecar", "nginx"):
             t = targets.get(name)
@@ -418,6 +461,8 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         "rss_growth_mib_8x100MiB": side["extra"]["rss_growth_mib"],
         "p99_c64_refreshing_over_steady": t["sidecar_refreshing"]["c64"]["p99_us"] / side["c64"]["p99_us"],
         "c64_rps_sidecar_over_aiohttp_alone": side["c64"]["rps"] / t["aiohttp_alone"]["c64"]["rps"],
+        "c64_rps_sidecar_over_minimal_proxy": side["c64"]["rps"] / t["minimal_proxy"]["c64"]["rps"],
+        "added_p50_us_over_direct_c1_same_core": side["extra"]["c1_p50_us_same_core"] - direct["c1"]["p50_us"],
     }
     if ngx is not None:
         out["c64_rps_sidecar_over_nginx"] = side["c64"]["rps"] / ngx["c64"]["rps"]
@@ -425,6 +470,10 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         out["stream_sidecar_over_nginx"] = side["stream_mb_s"] / ngx["stream_mb_s"]
         out["c64_rps_aiohttp_alone_over_nginx"] = t["aiohttp_alone"]["c64"]["rps"] / ngx["c64"]["rps"]
         out["added_p50_us_nginx_over_direct_c1"] = ngx["c1"]["p50_us"] - direct["c1"]["p50_us"]
+        same_core = ngx["extra"]["c1_p50_us_same_core"]
+        out["added_p50_us_nginx_over_direct_c1_same_core"] = same_core - direct["c1"]["p50_us"]
+        out["c64_rps_minimal_proxy_over_nginx"] = t["minimal_proxy"]["c64"]["rps"] / ngx["c64"]["rps"]
+        out["c64_rps_lean_proxy_over_nginx"] = t["lean_proxy"]["c64"]["rps"] / ngx["c64"]["rps"]
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -453,6 +502,10 @@ def report(results: dict[str, object], r: dict[str, float]) -> str:
             f"| {c64['p50_us']:,.0f} µs | {c64['p99_us']:,.0f} µs | {stream} |"
         )
     lines.append("")
+    for name, t in results["targets"].items():  # type: ignore[attr-defined]
+        errors = t["c1"]["errors"] + t["c64"]["errors"]
+        if errors:  # wrk counts an error answer as a request: a target answering errors fast looks fast
+            lines.append(f"WARNING: {name} answered {errors} requests with an error or none; its figures are void")
     for name, t in results["targets"].items():  # type: ignore[attr-defined]
         if t["extra"]:
             lines.append(f"{name}: " + ", ".join(f"{k} = {v:g}" for k, v in t["extra"].items()))
