@@ -108,6 +108,9 @@ async def serve(
         make_app(config),
         access_log=None,  # we log requests ourselves, without query strings
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
+        # A connection with no request under way (idle keep-alive, or a request head still arriving) is
+        # closed after this; aiohttp's own default, outside run_app, is an hour.
+        keepalive_timeout=config.listen.idle_timeout_s,
         shutdown_timeout=config.listen.shutdown_grace_s,
     )
     await runner.setup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "allowed_hosts": (list, []),
         "shutdown_grace_s": (float, 30.0),
         "max_connections": (int, 1024),
+        "idle_timeout_s": (float, 75.0),
     },
     "upstream": {
         "url": (str, ""),
@@ -101,6 +103,7 @@ class ListenConfig:
     allowed_hosts: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0
     max_connections: int = 1024
+    idle_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,8 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
             dict: "a table",
         }
         raise ConfigError(f"{section}.{key}", f"must be {names[kind]}, got {type(value).__name__}", origin)
+    if kind is float and not math.isfinite(value):  # TOML has inf and nan; no duration or margin is either
+        raise ConfigError(f"{section}.{key}", f"must be a finite number, got {value}", origin)
     return value
 
 
@@ -423,6 +428,7 @@ def _build(raw: _Raw, source: str) -> Config:
             allowed_hosts=tuple(h.lower() for h in values["listen"]["allowed_hosts"]),
             shutdown_grace_s=values["listen"]["shutdown_grace_s"],
             max_connections=values["listen"]["max_connections"],
+            idle_timeout_s=values["listen"]["idle_timeout_s"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
@@ -484,6 +490,8 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
             raise fail("listen", key, "must not be negative")
     if listen["max_connections"] < 1:
         raise fail("listen", "max_connections", "must be at least 1")
+    if listen["idle_timeout_s"] <= 0:
+        raise fail("listen", "idle_timeout_s", "must be greater than 0")
     _check_strings(listen, "listen", "allowed_hosts", fail)
 
     if not upstream["url"]:

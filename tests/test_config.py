@@ -153,6 +153,9 @@ BAD_TOML = {
     "string for list": ('[access]\nallow_paths = "/v1/"\n', "access.allow_paths", "must be a list"),
     "number for string": ("[log]\nlevel = 10\n", "log.level", "must be a string"),
     "port out of range": ("[listen]\nport = 70000\n", "listen.port", "between 0 and 65535"),
+    "nan timeout": ("[upstream]\ntimeout_s = nan\n", "upstream.timeout_s", "must be a finite number, got nan"),
+    "infinite margin": ("refresh_margin_s = inf\n", "auth.refresh_margin_s", "must be a finite number"),
+    "idle timeout 0": ("[listen]\nidle_timeout_s = 0\n", "listen.idle_timeout_s", "must be greater than 0"),
     "http upstream": ('[upstream]\nurl = "http://api.example.com"\n', "upstream.url", "http:// is only allowed"),
     "http token url": (
         'token_url = "http://auth.example.com/realms/r/protocol/openid-connect/token"\n',
@@ -241,6 +244,14 @@ def test_value_from_environment_is_blamed_on_the_variable(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, env)
     assert str(info.value).startswith("environment variable OAUTH_SIDECAR_UPSTREAM_URL: upstream.url: http://")
+
+    env = {"OAUTH_SIDECAR_AUTH_PASSWORD": PASSWORD, "OAUTH_SIDECAR_LISTEN_IDLE_TIMEOUT_S": "inf"}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env)
+    assert str(info.value) == (
+        "environment variable OAUTH_SIDECAR_LISTEN_IDLE_TIMEOUT_S: "
+        "listen.idle_timeout_s: must be a finite number, got inf"
+    )
 
 
 @pytest.mark.parametrize(

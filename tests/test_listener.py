@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -141,3 +142,56 @@ async def test_a_malformed_request_is_still_logged_as_one_warning_line(aiohttp_s
     assert len(logged) == 1
     assert "warning request.malformed error=" in logged[0] and "status=400" in logged[0]
     assert "Traceback" not in out.getvalue() and MARKER.decode() not in out.getvalue()
+
+
+async def _closed_by_server_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the server closes the connection (EOF, or a reset) within ``seconds``; nothing else may arrive."""
+    try:
+        data = await asyncio.wait_for(reader.read(1), seconds)
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    assert data == b"", f"unexpected bytes {data!r}"
+    return True
+
+
+async def test_idle_connections_and_unfinished_heads_are_closed_after_idle_timeout(aiohttp_server):
+    """listen.idle_timeout_s: a client that never finishes its request head, or leaves a keep-alive
+    connection idle, does not hold a connection slot for longer (aiohttp's own default is an hour)."""
+    async with _serving(aiohttp_server, idle_timeout_s=0.5) as port:
+        # Half a request head, then silence.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert not await _closed_by_server_within(reader, 0.2)  # not before its time
+        assert await _closed_by_server_within(reader, 5)
+        writer.close()
+
+        # A whole request answered on a keep-alive connection, then silence.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEALTHY)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(reader.readexactly(length), 5)
+        assert await _closed_by_server_within(reader, 5)
+        writer.close()
+
+
+async def test_a_request_under_way_is_not_cut_by_idle_timeout(aiohttp_server):
+    """The idle timeout only applies between requests: a body arriving slowly, over several idle
+    timeouts, is still forwarded whole and answered."""
+    async with _serving(aiohttp_server, idle_timeout_s=0.3) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n"
+        )
+        for byte in b"slow":
+            await asyncio.sleep(0.3)
+            writer.write(bytes([byte]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+        assert (body["body_bytes"], body["body_sha256"]) == (4, hashlib.sha256(b"slow").hexdigest())
+        writer.close()
