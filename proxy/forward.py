@@ -160,18 +160,18 @@ class Forwarder:
         head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing
 
         upstream = await self._send(method, head, body, token)
-        if upstream.status == 401 and replayable:
-            for _ in range(MAX_AUTH_RETRIES):
-                renewed = await self._tokens.renew_rejected(token)
-                if renewed is None:
-                    break
-                upstream.release()
-                self._metrics.auth_retries.inc()
-                token = renewed
-                upstream = await self._send(method, head, body, token)
-                if upstream.status != 401:
-                    break
-        try:
+        try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
+            if upstream.status == 401 and replayable:
+                for _ in range(MAX_AUTH_RETRIES):
+                    renewed = await self._tokens.renew_rejected(token)
+                    if renewed is None:
+                        break
+                    upstream.release()
+                    self._metrics.auth_retries.inc()
+                    token = renewed
+                    upstream = await self._send(method, head, body, token)
+                    if upstream.status != 401:
+                        break
             return await self._relay(request, upstream, request_id, allowed_origin)
         finally:
             upstream.release()

@@ -122,6 +122,10 @@ class Connection(asyncio.Protocol):
             self._fail(ConnectionError(f"the upstream sent a malformed response ({exc})"))
             self._abort()
             return
+        except httptools.HttpParserUpgrade:  # not a parse error: llhttp stops at a 101 Switching Protocols
+            self._fail(ConnectionError("the upstream switched protocols (101); the proxy forwards plain HTTP only"))
+            self._abort()
+            return
         if self._head_only and self.head_done:
             # A response to HEAD has no body whatever its Content-Length says; llhttp would wait for one.
             self._complete_outside_parser()
@@ -162,6 +166,8 @@ class Connection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field (after a chunked body): never merged into the head (RFC 9110 §6.5.1)
         self.headers.append((name, value))
         self.head_bytes += len(name) + len(value)
         if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_HEADERS:
@@ -275,12 +281,15 @@ class Connection(asyncio.Protocol):
 class Exchange:
     """The upstream's response: status, raw headers, and the body to read in chunks."""
 
-    __slots__ = ("_conn", "_pool", "_timer", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "_sender", "_timer", "headers", "reason", "status")
 
-    def __init__(self, pool: Pool, conn: Connection, timer: asyncio.TimerHandle) -> None:
+    def __init__(
+        self, pool: Pool, conn: Connection, timer: asyncio.TimerHandle, sender: asyncio.Task[None] | None = None
+    ) -> None:
         self._pool = pool
         self._conn = conn
         self._timer: asyncio.TimerHandle | None = timer
+        self._sender = sender  # the request body still being sent, if the answer came first
         self.status = conn.status
         self.reason = conn.reason.decode("latin-1")
         self.headers = conn.headers
@@ -312,6 +321,9 @@ class Exchange:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            if self._sender is not None:
+                self._sender.cancel()  # a no-op once the body was sent
+                self._sender = None
             self._pool.release(self._conn)
 
 
@@ -420,11 +432,15 @@ class Pool:
                 raise _Retry from exc
             raise UpstreamUnreachable(f"the upstream connection failed ({_describe(exc)})") from exc
         if sender is not None and not sender.done():
-            # The upstream answered before reading the whole body (e.g. 413): the connection
-            # cannot be reused, but the answer is still the answer.
-            sender.cancel()
-            conn.until_eof = True  # forbids reuse
-        return Exchange(self, conn, timer)
+            # The upstream answered before it had the whole body: the connection cannot be reused, but
+            # the answer is still the answer. An error (413, 401) says it does not want the rest: stop
+            # sending (RFC 9112 §9.5). Any other status may come from a server that answers while it
+            # reads (full duplex): the body goes on until the response is released.
+            conn.keep_alive = False
+            if conn.status >= 400:
+                sender.cancel()
+                sender = None
+        return Exchange(self, conn, timer, sender)
 
     def _expire(self, conn: Connection) -> None:
         conn._fail(TimeoutError("upstream.timeout_s elapsed"))
