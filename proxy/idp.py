@@ -3,9 +3,11 @@
 Every failure leaves this module as one of two errors:
 
 * :class:`TokenRejected`: the provider answered 4xx (wrong password, dead refresh token, unknown
-  client). Retrying soon would not help and, for logins, would lock the account.
-* :class:`TokenUnavailable`: unreachable, timeout, 5xx, 429, or a response we cannot use (not JSON,
-  no ``access_token``, a token type we cannot send). Worth retrying with backoff.
+  client), or a 200 carrying such an OAuth error. Retrying soon would not help and, for logins, would
+  lock the account.
+* :class:`TokenUnavailable`: unreachable, timeout, 5xx, 429, ``temporarily_unavailable`` with any status,
+  or a response we cannot use (not JSON, no ``access_token``, a token type we cannot send, a token
+  that expired before its answer arrived). Worth retrying with backoff.
 
 Nothing raised here carries a credential: messages are built from status codes, the provider's
 ``error`` / ``error_description`` and our own words.
@@ -34,6 +36,10 @@ from .state import Token
 TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
 # Statuses that mean "later", not "no".
 TRANSIENT_STATUSES = {408, 425, 429}
+# OAuth errors that mean "later", whatever status they come with (RFC 6749 §4.1.2.1 defines them; some token
+# endpoints send them with a 400, or a 200). Any other error in a response without a token is a refusal: retrying
+# it soon would lock the account.
+TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error"}
 MAX_DESCRIPTION = 200
 MAX_ERROR_BODY = 64 * 1024
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -92,6 +98,10 @@ class IdentityProvider:
         self.code_used = False
         # The provider answered unsupported_grant_type to a refresh: renew by logging in from then on.
         self.refresh_unsupported = False
+        # The newest token obtained. With a grant that cannot be repeated (refresh_token, a spent code), logging
+        # in again means refreshing with its refresh token, never with the configured one: a rotating provider
+        # revoked that at the first refresh.
+        self._newest: Token | None = None
 
     # --- grants ----------------------------------------------------------------------------------
 
@@ -102,8 +112,10 @@ class IdentityProvider:
         if a.grant_type == "password":
             fields.update(username=a.username, password=a.password)
         elif a.grant_type == "refresh_token":
-            fields["refresh_token"] = a.refresh_token
+            fields["refresh_token"] = self._live_refresh_token() or a.refresh_token
         elif a.grant_type == "authorization_code":
+            if self.code_used and self._newest is not None and self._live_refresh_token():
+                return await self.refresh(self._newest)
             if self.code_used:
                 why = (
                     "the authorization code (auth.code) was already sent once and is never sent twice, and no "
@@ -119,6 +131,13 @@ class IdentityProvider:
             fields["redirect_uri"] = a.redirect_uri
         if a.scope:
             fields["scope"] = a.scope
+        if a.grant_type == "refresh_token":
+            # RFC 6749 §6: a response without a new refresh token leaves the one sent valid.
+            try:
+                return await self._grant("login", fields, previous_refresh=fields["refresh_token"])
+            except TokenRejected:
+                self._forget_refresh_token(fields["refresh_token"])
+                raise
         if a.grant_type != "authorization_code":
             return await self._grant("login", fields, previous_refresh=None)
         try:
@@ -128,7 +147,7 @@ class IdentityProvider:
             raise
         except TokenUnavailable as exc:
             # A 200 we could not use still spent the code; "try later" answers and lost requests did not.
-            if exc.reason == "invalid_response":
+            if exc.reason in ("invalid_response", "expired_on_arrival"):
                 self.code_used = True
             raise
         self.code_used = True
@@ -144,10 +163,22 @@ class IdentityProvider:
         try:
             return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
         except TokenRejected as exc:
+            self._forget_refresh_token(current.refresh_token)
             if exc.error == UNSUPPORTED_GRANT and not self.refresh_unsupported:
                 self.refresh_unsupported = True
                 event("idp.refresh_unsupported", description=exc.description, next="log in to renew from now on")
             raise
+
+    def _live_refresh_token(self) -> str | None:
+        """The newest refresh token, while the provider has not refused it and it has not expired."""
+        newest = self._newest
+        if newest is None or not newest.can_refresh(self._clock()):
+            return None
+        return newest.refresh_token
+
+    def _forget_refresh_token(self, refused: str | None) -> None:
+        if self._newest is not None and self._newest.refresh_token == refused:
+            self._newest = None
 
     async def end_session(self, token: Token) -> str:
         """End the session at the provider: Keycloak logout, else RFC 7009 revocation.
@@ -207,11 +238,21 @@ class IdentityProvider:
     async def _grant(self, kind: str, fields: dict[str, str], previous_refresh: str | None) -> Token:
         endpoints = await self.endpoints()
         try:
+            # A lifetime counts from when the token was asked for: the provider issued it somewhere between
+            # then and the answer's arrival, and a slow answer has already used up part of it.
+            asked_at, asked_wall = self._clock(), self._wall()
             reply = await self._post(endpoints.token, fields)
-            arrived = self._clock()
             if reply.status >= 300:
                 raise _error_from_response(reply)
-            return self._parse_token(reply, arrived, previous_refresh)
+            token = self._parse_token(reply, asked_at, asked_wall, previous_refresh)
+            if token.usable_until <= self._clock():
+                raise TokenUnavailable(
+                    f"token endpoint took {self._clock() - asked_at:.1f}s to answer; the token it issued expires "
+                    f"after {token.lifetime:g}s",
+                    reason="expired_on_arrival",
+                )
+            self._newest = token
+            return token
         except (TokenRejected, TokenUnavailable) as exc:
             # A provider may echo what it was sent; its words end up in /-/ready, /-/status and 503 bodies.
             sent = [fields.get(k, "") for k in SECRET_FIELDS] + [self._auth.client_secret, self._auth.password]
@@ -261,7 +302,7 @@ class IdentityProvider:
 
     # --- parsing ---------------------------------------------------------------------------------
 
-    def _parse_token(self, reply: Reply, arrived: float, previous_refresh: str | None) -> Token:
+    def _parse_token(self, reply: Reply, sent: float, sent_wall: float, previous_refresh: str | None) -> Token:
         body = reply.body
         if not isinstance(body, dict):
             raise TokenUnavailable(
@@ -269,6 +310,10 @@ class IdentityProvider:
                 reason="invalid_response",
             )
         access = body.get("access_token")
+        error = body.get("error")
+        if not access and isinstance(error, str) and error and error not in TRANSIENT_ERRORS:
+            # Some providers answer 200 with an OAuth error (a wrong password): a refusal like a 400.
+            raise _error_from_response(reply)
         if not isinstance(access, str) or not access:
             problem = "no access_token" if access is None else "an access_token that is not a non-empty string"
             if body.get("error"):  # some providers answer 200 with an OAuth error
@@ -287,7 +332,7 @@ class IdentityProvider:
                 reason="invalid_response",
             )
         claims = _jwt_claims(access)
-        lifetime = self._lifetime(body.get("expires_in"), claims)
+        lifetime = self._lifetime(body.get("expires_in"), claims, sent_wall)
         refresh = body.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
             refresh = previous_refresh  # RFC 6749 §6: no new refresh token means keep the old one
@@ -296,22 +341,25 @@ class IdentityProvider:
         refresh_expires_at = None
         refresh_in = _number(body.get("refresh_expires_in"))
         if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
-            refresh_expires_at = arrived + refresh_in
+            refresh_expires_at = sent + refresh_in
         subject = claims.get("preferred_username") or claims.get("sub") or self._auth.username or self._auth.client_id
         return Token(
             access_token=access,
-            obtained_at=arrived,
-            expires_at=arrived + lifetime,
+            obtained_at=sent,
+            expires_at=sent + lifetime,
             refresh_token=refresh,
             refresh_expires_at=refresh_expires_at,
             subject=str(subject),
             scope=str(body.get("scope") or ""),
-            wall_expires_at=self._wall() + lifetime,
+            wall_expires_at=sent_wall + lifetime,
             header_value=self._inject.value.replace("{token}", access),
         )
 
-    def _lifetime(self, expires_in: Any, claims: dict[str, Any]) -> float:
-        """``expires_in``, else the JWT's ``exp`` (relative to its ``iat``), else the configured default."""
+    def _lifetime(self, expires_in: Any, claims: dict[str, Any], sent_wall: float) -> float:
+        """The shorter of ``expires_in`` and the JWT's ``exp`` (relative to its ``iat``), else the configured
+        default. The upstream checks ``exp``: an ``expires_in`` promising more would have expired tokens sent.
+        Without ``iat``, ``exp`` is read against the local clock, and only when there is no ``expires_in``."""
+        found: list[float] = []
         if expires_in is not None:
             seconds = _number(expires_in)
             if seconds is None:
@@ -320,14 +368,17 @@ class IdentityProvider:
                     reason="invalid_response",
                 )
             if seconds > 0:
-                return min(seconds, MAX_LIFETIME_S)
+                found.append(seconds)
         exp = _number(claims.get("exp"))
         if exp is not None:
             iat = _number(claims.get("iat"))
-            seconds = exp - iat if iat is not None else exp - self._wall()
+            if iat is not None:
+                seconds = exp - iat
+            else:  # only the local clock to read it against: a clock running ahead would shorten it
+                seconds = exp - sent_wall if not found else 0.0
             if seconds > 0:
-                return min(seconds, MAX_LIFETIME_S)
-        return min(self._auth.default_lifetime_s, MAX_LIFETIME_S)
+                found.append(seconds)
+        return min(min(found, default=self._auth.default_lifetime_s), MAX_LIFETIME_S)
 
 
 async def try_end_session(idp: IdentityProvider, token: Token) -> tuple[bool, str]:
@@ -428,7 +479,7 @@ def _error_from_response(reply: Reply, retry_after: float | None = None) -> Exce
             retry_after=retry_after,
             reason="rate_limited",
         )
-    if status in TRANSIENT_STATUSES or status >= 500:
+    if status in TRANSIENT_STATUSES or status >= 500 or error in TRANSIENT_ERRORS:
         if error:
             shown = f"{error}: {description}" if description else error
         else:

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 The sidecar holds at most one access token (a :class:`Token`). Its *health* is a function of the
 clock alone: FRESH (use it), STALE (use it, but renew it now), EXPIRED (never send it). Times are on
-the monotonic clock, measured from the moment the token response arrived, so a wall-clock jump
-cannot make a token look valid.
+the monotonic clock, measured from the moment the token was asked for (a slow answer has used up
+part of the lifetime), so a wall-clock jump cannot make a token look valid.
 
 What the token manager is doing is its :class:`Phase`. It moves only through :data:`TRANSITIONS`,
 driven by :class:`Event`\\ s; an event that is not in the table for the current phase is a bug and

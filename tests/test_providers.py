@@ -641,8 +641,8 @@ HTML_500 = "<!DOCTYPE html><html><head><title>500</title></head><body><h1>Intern
         (Fault(500, HTML_500), "token endpoint answered 500 (an HTML page without an OAuth error)"),
         (Fault(200, {"token_type": "Bearer", "expires_in": 3600}), "token response has no access_token"),
         (
-            Fault(200, {"error": "invalid_grant", "error_description": "nope"}),
-            "token response has no access_token (error: invalid_grant: nope)",
+            Fault(200, {"error": "temporarily_unavailable", "error_description": "nope"}),
+            "token response has no access_token (error: temporarily_unavailable: nope)",
         ),
         (
             Fault(200, {"access_token": LEAKY, "token_type": "Bearer", "expires_in": "one hour"}),
