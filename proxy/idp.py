@@ -31,7 +31,7 @@ import jwt
 from .config import AuthConfig, InjectConfig, check_url
 from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
-from .state import Token
+from .state import Token, token_clock
 
 TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
 # Statuses that mean "later", not "no".
@@ -81,7 +81,7 @@ class IdentityProvider:
         auth: AuthConfig,
         inject: InjectConfig,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = token_clock,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._session = session

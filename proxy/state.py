@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 The sidecar holds at most one access token (a :class:`Token`). Its *health* is a function of the
 clock alone: FRESH (use it), STALE (use it, but renew it now), EXPIRED (never send it). Times are on
-the monotonic clock, measured from the moment the token was asked for (a slow answer has used up
-part of the lifetime), so a wall-clock jump cannot make a token look valid.
+:func:`token_clock`, measured from the moment the token was asked for (a slow answer has used up
+part of the lifetime): a monotonic clock, so a wall-clock jump cannot make a token look valid, and
+one that keeps counting while the machine sleeps, so a laptop waking up does not send a token that
+expired during the night.
 
 What the token manager is doing is its :class:`Phase`. It moves only through :data:`TRANSITIONS`,
 driven by :class:`Event`\\ s; an event that is not in the table for the current phase is a bug and
@@ -24,10 +26,23 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import sys
+import time
 from dataclasses import dataclass, field
 
 # Never send a token this close to its expiry: the request still has to reach the upstream. Capped at
 # a tenth of the lifetime, so a 4-second test token is not "expired" on arrival.
+# Linux's CLOCK_BOOTTIME and macOS's CLOCK_MONOTONIC count the time the machine was asleep; Python's
+# time.monotonic() does not (CLOCK_MONOTONIC on Linux, mach_absolute_time on macOS). Elsewhere, monotonic.
+_SLEEP_AWARE_CLOCK = {"linux": "CLOCK_BOOTTIME", "darwin": "CLOCK_MONOTONIC"}.get(sys.platform)
+_CLOCK_ID: int | None = getattr(time, _SLEEP_AWARE_CLOCK, None) if _SLEEP_AWARE_CLOCK else None
+
+
+def token_clock() -> float:
+    """Seconds on a monotonic clock that keeps counting while the machine sleeps: token times use it."""
+    return time.clock_gettime(_CLOCK_ID) if _CLOCK_ID is not None else time.monotonic()
+
+
 EXPIRY_SKEW_S = 5.0
 # A refresh token this close to its own expiry is not worth sending (Keycloak checks `exp` first and
 # answers "Token is not active"); log in instead.

@@ -40,7 +40,7 @@ from . import state
 from .errors import NoToken, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
 from .observability import Metrics, event
-from .state import Event, Health, Phase, Token
+from .state import Event, Health, Phase, Token, token_clock
 
 # An upstream 401 for a token obtained less than this long ago by an earlier 401-triggered
 # renewal is passed back to the client: the upstream rejects something other than token age.
@@ -67,7 +67,7 @@ class TokenManager:
         *,
         refresh_margin_s: float,
         metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = token_clock,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         transient_backoff: Callable[..., float] = state.transient_backoff,
@@ -373,7 +373,7 @@ class TokenManager:
             self._metrics.count_token_failure(kind, reason)
 
     def _next_wake(self) -> float | None:
-        """Monotonic time of the next renewal attempt, or None when there is nothing to schedule."""
+        """token_clock time of the next renewal attempt, or None when there is nothing to schedule."""
         if self.phase is Phase.IDLE:
             return self._clock()
         if self.phase in (Phase.BACKING_OFF, Phase.REJECTED):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import sys
 import time
 
 import aiohttp
@@ -15,7 +17,7 @@ from proxy.config import AuthConfig, InjectConfig
 from proxy.errors import NoToken, TokenRejected, TokenUnavailable
 from proxy.idp import IdentityProvider
 from proxy.observability import TextFormatter
-from proxy.state import Phase, Token
+from proxy.state import Phase, Token, token_clock
 from proxy.tokens import TokenManager
 
 SECRET_MARK = "s3cr3t-tok"  # every token the fake issues contains it; logs must never show it
@@ -43,7 +45,7 @@ class FakeIdP:
 
     def __init__(
         self,
-        clock=time.monotonic,
+        clock=token_clock,
         *,
         lifetime: float = 300.0,
         refresh_lifetime: float | None = 1800.0,
@@ -437,7 +439,7 @@ async def test_close_stops_the_scheduler_and_ends_the_session(managers):
     assert idp.ended == [token]
     assert tm.phase is Phase.STOPPED
     assert tm.usable() is None
-    await asyncio.sleep(token.obtained_at + 0.7 - time.monotonic())  # past the time the refresh was due
+    await asyncio.sleep(token.obtained_at + 0.7 - token_clock())  # past the time the refresh was due
     assert idp.kinds == ["login"]
 
 
@@ -457,3 +459,18 @@ async def test_status_and_logs_never_show_a_token(managers, caplog):
     assert SECRET_MARK not in repr(status)
     assert SECRET_MARK not in logged(caplog)
     assert token.id in logged(caplog)  # the fingerprint is what identifies it
+
+
+def test_token_times_count_the_time_the_machine_slept():
+    """A laptop closed overnight: time.monotonic() stops while the machine sleeps (Linux, macOS), so a token
+    that expired during the night would still look valid. Token times use a clock that keeps counting, and
+    the token manager and the identity provider use it unless told otherwise."""
+    if sys.platform == "linux":
+        before = time.clock_gettime(time.CLOCK_BOOTTIME)
+        now = token_clock()
+        assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
+    started, at = time.monotonic(), token_clock()
+    time.sleep(0.05)
+    assert abs((token_clock() - at) - (time.monotonic() - started)) < 0.01  # same rate while awake
+    for cls in (TokenManager, IdentityProvider):
+        assert inspect.signature(cls).parameters["clock"].default is token_clock
