@@ -38,7 +38,8 @@ from .errors import UpstreamTimeout, UpstreamUnreachable
 # Pause reading from the upstream when this many body bytes wait for the client.
 HIGH_WATER = 512 * 1024
 # Close a pooled connection idle for longer than this: servers commonly drop idle keep-alive
-# connections after 5-75 s (nginx 75 s, Node 5 s); reusing one they are closing costs a retry.
+# connections after 5-75 s (nginx 75 s, Node 5 s, uvicorn 5 s); reusing one they are closing costs a
+# retry, or a lost POST. An upstream announcing less (Keep-Alive: timeout=N) gets less: _idle_limit.
 KEEPALIVE_S = 4.0
 # Request bodies that stream (unknown or large size) are sent in chunks of at most this size.
 WRITE_CHUNK = 256 * 1024
@@ -69,6 +70,7 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.used_at = 0.0
+        self.idle_limit = KEEPALIVE_S  # reused only while idle for less than this (see _idle_limit)
         self.reused = False
         self.active = False  # an exchange is under way
         self._reset()
@@ -188,14 +190,18 @@ class Connection(asyncio.Protocol):
         self.status = status
         self.head_done = True
         self.keep_alive = self._parser.should_keep_alive()  # only meaningful before the body
+        length = chunked = None
+        idle_limit = KEEPALIVE_S
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = int(value)  # llhttp has checked it is one number
+            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif lowered == b"keep-alive":
+                idle_limit = _idle_limit(value)
+        self.idle_limit = idle_limit
         if not self._head_only and status not in (204, 304):
-            length = chunked = None
-            for name, value in self.headers:
-                lowered = name.lower()
-                if lowered == b"content-length":
-                    length = int(value)  # llhttp has checked it is one number
-                elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
-                    chunked = True
             self.until_eof = length is None and not chunked
             if length is not None and not chunked:
                 self.remaining = length
@@ -455,7 +461,7 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and now - conn.used_at < KEEPALIVE_S:
+            if not conn.closed and now - conn.used_at < conn.idle_limit:
                 conn.reused = True
                 return conn
             self._discard(conn)
@@ -563,6 +569,22 @@ async def _send_stream(conn: Connection, body: StreamReader, chunked: bool) -> N
         await conn.drain()
     if chunked:
         transport.write(b"0\r\n\r\n")
+
+
+def _idle_limit(keep_alive: bytes) -> float:
+    """How long an idle connection may be reused, from the upstream's ``Keep-Alive: timeout=N``: a second
+    less than it says (a request sent as it closes the connection would be lost), never more than
+    KEEPALIVE_S. Apache and Node.js announce theirs; servers that do not are covered by KEEPALIVE_S."""
+    for param in keep_alive.split(b","):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            try:
+                seconds = float(value.strip())
+            except ValueError:
+                break
+            if seconds == seconds:  # not NaN
+                return min(KEEPALIVE_S, max(0.0, seconds - 1.0))
+    return KEEPALIVE_S
 
 
 def _describe(exc: BaseException) -> str:

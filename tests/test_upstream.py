@@ -167,6 +167,42 @@ async def test_a_reused_connection_closed_by_the_upstream_is_retried_on_a_new_on
     await server.__aexit__()
 
 
+async def test_a_post_is_not_sent_on_a_connection_the_upstream_said_it_would_have_closed():
+    """Keep-Alive: timeout=N is the upstream's promise to close an idle connection after N s. A request
+    sent just as it does is lost, and a POST is never sent twice: past N - 1 s the pool opens a new
+    connection. The upstream here keeps the socket open but drops what arrives after its timeout, the way
+    a close racing the request looks to the proxy."""
+    post = b"POST /x HTTP/1.1\r\nHost: upstream\r\nContent-Length: 0\r\n\r\n"
+    hinted = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 5\r\n\r\nhello"
+
+    def make(server: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            loop = asyncio.get_running_loop()
+            answered_at = None
+            while True:
+                await server.read_request(reader)
+                if answered_at is not None and loop.time() - answered_at > 2.0:
+                    return  # "closed" for idleness: the request is dropped unanswered
+                writer.write(hinted)
+                await writer.drain()
+                answered_at = loop.time()
+
+        return handler
+
+    server = await serve(make)
+    pool = pool_for(server)
+    assert await read_all(await pool.request("GET", GET, None)) == b"hello"
+    await asyncio.sleep(0.1)
+    assert await read_all(await pool.request("GET", GET, None)) == b"hello"  # well within: reused
+    assert server.connections == 1
+    await asyncio.sleep(2.1)  # past the upstream's timeout, well within the pool's own 4 s
+    exchange = await pool.request("POST", post, None)
+    assert (exchange.status, await read_all(exchange)) == (200, b"hello")
+    assert server.connections == 2
+    await pool.close()
+    await server.__aexit__()
+
+
 async def test_pool_limit_makes_requests_wait_and_times_them_out():
     server = await serve(answering(OK, OK, OK))
     pool = pool_for(server, limit=1, timeout_s=10)
