@@ -180,9 +180,16 @@ class Token:
 
     def refresh_at(self, margin: float) -> float:
         """When to start renewing: ``margin`` before expiry, but not before half the lifetime and
-        while the token can still be sent."""
+        while the token can still be sent; earlier, by the same rule, when the refresh token would die
+        first (an identity provider's session idle time shorter than the access token's life), so the
+        session is kept by a refresh instead of being lost (a spent authorization code cannot log in)."""
         margin = max(margin, MIN_MARGIN_SKEWS * self.skew)
-        return self.expires_at - min(margin, self.lifetime * MAX_MARGIN_FRACTION)
+        due = self.expires_at - min(margin, self.lifetime * MAX_MARGIN_FRACTION)
+        if self.refresh_token and self.refresh_expires_at is not None:
+            last = self.refresh_expires_at - REFRESH_TOKEN_SKEW_S  # the refresh token's last moment
+            if self.obtained_at < last < due:
+                due = last - min(margin, (last - self.obtained_at) * MAX_MARGIN_FRACTION)
+        return due
 
     def unusable_at(self) -> float:
         """From when on the token must not be sent."""

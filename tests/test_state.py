@@ -106,6 +106,26 @@ def test_refresh_is_due_before_the_token_becomes_unusable(lifetime, margin):
     assert t.health(t.refresh_at(margin), margin) is Health.STALE
 
 
+@pytest.mark.parametrize(
+    ("lifetime", "refresh_in", "margin", "due"),
+    [
+        (3600.0, 1800.0, 60.0, 1735.0),  # refresh token dies first: renewed 60 s before its last moment
+        (3600.0, 25.0, 60.0, 10.0),  # a very short session: at half of what the refresh token allows
+        (3600.0, 7200.0, 60.0, 3540.0),  # refresh token outlives the access token: the usual rule
+        (3600.0, None, 60.0, 3540.0),  # no refresh expiry known
+        (3600.0, 4.0, 60.0, 3540.0),  # too short to ever be used: no earlier renewal that would be a login
+    ],
+)
+def test_renewal_comes_before_the_refresh_token_dies(lifetime, refresh_in, margin, due):
+    """When the provider's session (refresh token) ends before the access token, the scheduled renewal
+    is a refresh while the refresh token still works, not a login after it died."""
+    t = token(lifetime, at=0.0, refresh_in=refresh_in)
+    assert t.refresh_at(margin) == pytest.approx(due)
+    if refresh_in is not None and due < 3540.0:
+        assert t.can_refresh(t.refresh_at(margin))
+        assert choose_renewal(t, t.refresh_at(margin), 0) is Event.REFRESH
+
+
 def test_can_refresh_respects_refresh_token_expiry():
     """A refresh token is usable until REFRESH_TOKEN_SKEW_S before its refresh_expires_in runs out."""
     t = token(300.0, at=0.0, refresh_in=1800.0)

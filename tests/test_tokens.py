@@ -429,6 +429,20 @@ async def test_renewal_after_refresh_and_login_were_rejected(managers):
     assert tm.phase is Phase.HOLDING
 
 
+async def test_a_session_shorter_than_the_access_token_is_kept_by_refreshing(managers):
+    """A provider whose refresh token (its session) lives 6 s while access tokens live 5 minutes: the
+    scheduler refreshes while the refresh token works, so the session never lapses into a new login
+    (with a spent authorization code there would be none)."""
+    idp = FakeIdP(lifetime=300.0, refresh_lifetime=6.0)  # the refresh token's last moment: 1 s (5 s skew)
+    tm = managers(idp)
+    tm.start()
+    first = await asyncio.wait_for(tm.get(), 5)
+    await wait_until(lambda: len(idp.calls) >= 3, within=5)
+    assert idp.kinds[:3] == ["login", "refresh", "refresh"]
+    assert idp.calls[1][1] == first.refresh_token
+    assert idp.calls[1][2] - first.obtained_at < 1.0  # sent before the refresh token's last moment
+
+
 async def test_close_stops_the_scheduler_and_ends_the_session(managers):
     """close(revoke=True) ends the session at the provider once and leaves no token behind; no renewal follows."""
     idp = FakeIdP(lifetime=1.0)  # the scheduler would refresh at half the lifetime, 0.5 s after the login
