@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy import cli
-from proxy.config import load_config
+from proxy.config import SCHEMA, load_config
 from proxy.errors import ConfigError
 from proxy.providers import WE360_TOKEN_URL
 
@@ -163,6 +165,7 @@ BAD_TOML = {
         "http:// is only allowed for a loopback host",
     ),
     "localhost lookalike": ('[upstream]\nurl = "http://localhost.evil.example"\n', "upstream.url", "loopback"),
+    "localhost subdomain": ('[upstream]\nurl = "http://api.localhost"\n', "upstream.url", "loopback"),
     "implicit grant": (
         'grant_type = "implicit"\n',
         "auth.grant_type",
@@ -351,3 +354,38 @@ def test_cli_reads_config_path_from_environment(tmp_path, capsys):
     path = write(tmp_path, WE360_MINIMAL + "bogus = 1\n")
     assert cli.main([], env={"OAUTH_SIDECAR_CONFIG": str(path), "OAUTH_SIDECAR_AUTH_PASSWORD": PASSWORD}) == 2
     assert f"{path}: auth.bogus: unknown key" in capsys.readouterr().err
+
+
+def _readme_default(value: object) -> str:
+    """A SCHEMA default as the README's configuration table writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return f"{value}" if value != "" else '""'
+
+
+def test_readme_configuration_table_matches_the_schema():
+    """Every key in proxy/config.py's SCHEMA is in the README's configuration table, with its real default
+    (a row saying "provider's", "derived" or nothing defers to the provider preset or is required)."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Configuration reference") :]
+    table = table[: table.index("\n## ")]
+    documented: dict[str, str | None] = {}
+    for keys_cell, default_cell in re.findall(r"^\| ((?:`[a-z_]+\.[a-z_]+`(?: / )?)+) \|([^|]*)\|", table, re.M):
+        keys = re.findall(r"`([a-z_]+\.[a-z_]+)`", keys_cell)
+        defaults = [d.strip() for d in default_cell.split(" / ")] if " / " in default_cell else [default_cell.strip()]
+        for key, default in zip(keys, defaults * len(keys) if len(defaults) == 1 else defaults, strict=True):
+            documented[key] = default[1:-1] if default.startswith("`") and default.endswith("`") else None
+    schema_keys = {f"{section}.{key}" for section, keys in SCHEMA.items() for key in keys}
+    assert schema_keys - set(documented) == set(), "keys missing from the README's table"
+    assert set(documented) - schema_keys == set(), "the README documents keys that do not exist"
+    wrong = {
+        key: (documented[key], _readme_default(SCHEMA[key.split(".")[0]][key.split(".")[1]][1]))
+        for key in sorted(schema_keys)
+        if documented[key] is not None
+        and documented[key] != _readme_default(SCHEMA[key.split(".")[0]][key.split(".")[1]][1])
+    }
+    assert wrong == {}, "README default != SCHEMA default"
