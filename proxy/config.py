@@ -447,7 +447,7 @@ def _build(raw: _Raw, source: str) -> Config:
 
 def is_loopback_host(host: str) -> bool:
     host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+    if host in LOOPBACK_NAMES:  # not *.localhost: whether those reach loopback is up to the resolver
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -111,7 +111,7 @@ class Forwarder:
                     "request.failed",
                     level=logging.WARNING,
                     method=method,
-                    path=request.raw_path.partition("?")[0],
+                    path=_logged_path(request),
                     status=status,
                     error=exc.code,
                     detail=exc.detail,
@@ -127,7 +127,7 @@ class Forwarder:
                     "request",
                     logger=access_log,
                     method=method,
-                    path=request.raw_path.partition("?")[0],
+                    path=_logged_path(request),
                     status=status,
                     bytes=size,
                     duration_ms=round((time.monotonic() - started) * 1000, 2),
@@ -294,6 +294,15 @@ class Forwarder:
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     """The header names listed in Connection header values (RFC 9110 §7.6.1), lower case."""
     return {name.strip().lower() for value in values for name in value.split(b",")}
+
+
+def _logged_path(request: web.BaseRequest) -> str:
+    """The path for log lines: never the query string (it may carry secrets), never the scheme and host
+    of an absolute-form target (``GET http://127.0.0.1:8360/v1/x``, as an HTTP proxy client sends it)."""
+    raw = request.raw_path
+    if not raw.startswith("/") and raw.startswith(("http://", "https://")):
+        raw = request.rel_url.raw_path
+    return raw.partition("?")[0]
 
 
 def _usable_request_id(value: str) -> bool:

@@ -95,12 +95,15 @@ async def test_not_an_open_proxy(proxied, request_bytes, status):
     await _still_serving(client)
 
 
-async def test_absolute_form_naming_the_listener_is_forwarded(proxied):
-    """An absolute-form target naming the proxy itself is an ordinary request, under the base path."""
+async def test_absolute_form_naming_the_listener_is_forwarded(proxied, caplog):
+    """An absolute-form target naming the proxy itself (what an HTTP proxy client, curl -x, sends) is an
+    ordinary request, under the base path; its access line shows the path alone, as for any request."""
+    caplog.set_level(logging.INFO, logger="oauth_sidecar.access")
     client, arrived = await proxied()
     response = await raw_request(client.port, _request(f"http://127.0.0.1:{client.port}/v1/x?q=1"))
     assert status_of(response) == 200
     assert [a["raw_path"] for a in arrived] == [f"{BASE_PATH}/v1/x?q=1"]
+    assert [r.fields["path"] for r in events(caplog, "request")] == ["/v1/x"]  # type: ignore[attr-defined]
 
 
 # --- the base path cannot be escaped -------------------------------------------------------------
