@@ -54,6 +54,9 @@ MAX_LIFETIME_S = 365 * 24 * 3600.0
 # The OAuth error a provider answers to a grant it does not implement (RFC 6749 §5.2). After a refresh gets
 # it, refresh tokens are dropped and renewals log in directly (WebCommander documents no refresh grant).
 UNSUPPORTED_GRANT = "unsupported_grant_type"
+# The refresh token's lifetime in seconds: Keycloak's name (OLI's sample response, seed 003 line 33), then the
+# name in OLI's own field table (line 51), which other providers use too.
+REFRESH_EXPIRY_FIELDS = ("refresh_expires_in", "refresh_token_expires_in")
 
 
 @dataclass
@@ -339,7 +342,7 @@ class IdentityProvider:
         if self.refresh_unsupported:
             refresh = None
         refresh_expires_at = None
-        refresh_in = _number(body.get("refresh_expires_in"))
+        refresh_in = _number(next((body[k] for k in REFRESH_EXPIRY_FIELDS if body.get(k) is not None), None))
         if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
             refresh_expires_at = sent + refresh_in
         subject = claims.get("preferred_username") or claims.get("sub") or self._auth.username or self._auth.client_id

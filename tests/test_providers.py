@@ -506,7 +506,7 @@ async def test_oauth2_password_grant_each_encoding(aiohttp_server, aiohttp_clien
 
 async def test_oauth2_client_credentials_just_fetches_a_new_token(aiohttp_server, aiohttp_client):
     """client_credentials, no refresh token: every renewal (scheduled or after a 401) is a new client_credentials."""
-    fake = await start_fake(aiohttp_server, _o2_fake(expires_in=2))
+    fake = await start_fake(aiohttp_server, _o2_fake(expires_in=2, client_credentials_refresh=False))  # RFC 6749 §4.4.3
     client = await _proxy(aiohttp_client, _o2_mapping(fake, grant_type="client_credentials", body="json"))
     assert (await client.get("/v1/hello")).status == 200
     assert fake.seen[0].content_type == JSON

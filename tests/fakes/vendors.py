@@ -6,7 +6,8 @@
   Refresh is undocumented, so by default a ``refresh_token`` grant gets 400 ``unsupported_grant_type``.
   The same app is the store's API, which wants the token in an ``access_token`` header (the docs' example).
 * :class:`FakeOAuth2` (seed 004, RFC 6749): form or JSON bodies; client authentication in the body or
-  with HTTP Basic (never both); grants ``password``, ``client_credentials`` (no refresh token),
+  with HTTP Basic (never both); grants ``password``, ``client_credentials`` (with a refresh token, as seed
+  004 says of every grant but implicit; ``client_credentials_refresh=False`` for RFC 6749 §4.4.3's none),
   ``refresh_token`` (rotating: the presented refresh token dies) and ``authorization_code`` (a code works
   once; a second use revokes what it issued, RFC 6749 §4.1.2). Its API wants ``Authorization: Bearer``.
 
@@ -254,6 +255,7 @@ class FakeOAuth2(FakeTokenServer):
         expires_in: Any = 3600,
         token_type: str | None = "Bearer",
         rotate_refresh: bool = True,
+        client_credentials_refresh: bool = True,
     ) -> None:
         super().__init__(expires_in=expires_in)
         self.clients: dict[str, str | None] = {"BA779C49-client": "4AD3CE00-secret"} if clients is None else clients
@@ -262,6 +264,7 @@ class FakeOAuth2(FakeTokenServer):
         self.client_auth = client_auth
         self.token_type = token_type
         self.rotate_refresh = rotate_refresh
+        self.client_credentials_refresh = client_credentials_refresh
         self.codes: dict[str, tuple[str, str]] = {}  # code -> (subject, redirect_uri)
         self.spent_codes: set[str] = set()
 
@@ -299,7 +302,8 @@ class FakeOAuth2(FakeTokenServer):
         if grant == "client_credentials":
             if expected is None:
                 return _error(400, "unauthorized_client", "public clients cannot use client_credentials")
-            return self._respond(self._issue(client_id, with_refresh=False))  # RFC 6749 §4.4.3
+            # Seed 004 line 57: every grant but implicit comes with a refresh token (RFC 6749 §4.4.3: SHOULD NOT).
+            return self._respond(self._issue(client_id, with_refresh=self.client_credentials_refresh))
         if grant == "refresh_token":
             presented = f.get("refresh_token", "")
             issued = self.refresh.get(presented)
