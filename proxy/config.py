@@ -540,7 +540,7 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
 
     needs = {
         "password": ("username", "password"),
-        "client_credentials": ("client_id",),
+        "client_credentials": ("client_id", "client_secret"),  # RFC 6749 §4.4: a confidential client
         "refresh_token": ("refresh_token",),
         "authorization_code": ("code",),
     }[grant]

@@ -205,6 +205,12 @@ def test_bad_toml_is_one_line_naming_file_and_key(tmp_path, extra, key, words):
         ('[auth]\nprovider = "we360"\nclient_id = "c"\n', "auth.username", "required"),
         (WE360_MINIMAL, "auth.password", "OAUTH_SIDECAR_AUTH_PASSWORD"),
         ('[auth]\nprovider = "keycloak"\nusername = "u"\n', "upstream.url", "required"),
+        (
+            '[upstream]\nurl = "https://api.example.com"\n[auth]\nprovider = "oauth2"\n'
+            'token_url = "https://auth.example.com/token"\ngrant_type = "client_credentials"\nclient_id = "c"\n',
+            "auth.client_secret",
+            "required for grant_type client_credentials",
+        ),
         ('[auth]\nprovider = "nope"\n', "auth.provider", "unknown provider"),
     ],
 )
