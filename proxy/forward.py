@@ -24,7 +24,7 @@ from yarl import URL
 
 from .access import Guard
 from .config import Config
-from .errors import BadRequest, SidecarError
+from .errors import BadRequest, NoToken, SidecarError
 from .observability import Metrics, access_log, event
 from .state import Token
 from .tokens import TokenManager
@@ -141,7 +141,6 @@ class Forwarder:
         target = self._target(request)
         self._guard.check_api_key(request)
         self._guard.check_forward(method, target.partition("?")[0])
-        token = self._tokens.usable() or await self._tokens.get()  # no coroutine while it is fresh
 
         body: bytes | StreamReader | None = None
         replayable = True
@@ -158,8 +157,11 @@ class Forwarder:
             framing = b"Content-Length: 0\r\n"
         connection = request.headers.getall("Connection", [])
         head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing
+        # Only now, once the body is read: a slow client must not make the proxy send a token that expired meanwhile.
+        if self._tokens.usable() is None:  # no coroutine while it is fresh
+            await self._tokens.get()  # the renewal in flight, or NoToken (503) at once
 
-        upstream = await self._send(method, head, body, token)
+        upstream, token = await self._send(method, head, body)
         try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
             if upstream.status == 401 and replayable:
                 for _ in range(MAX_AUTH_RETRIES):
@@ -168,8 +170,7 @@ class Forwarder:
                         break
                     upstream.release()
                     self._metrics.auth_retries.inc()
-                    token = renewed
-                    upstream = await self._send(method, head, body, token)
+                    upstream, token = await self._send(method, head, body)
                     if upstream.status != 401:
                         break
             return await self._relay(request, upstream, request_id, allowed_origin)
@@ -211,13 +212,23 @@ class Forwarder:
         parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")  # the id we log, exactly
         return b"".join(parts)
 
-    async def _send(self, method: str, head: bytes, body: bytes | StreamReader | None, token: Token) -> Exchange:
-        # The token goes last, so nothing the client sent can override it.
-        head += b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
+    async def _send(self, method: str, head: bytes, body: bytes | StreamReader | None) -> tuple[Exchange, Token]:
+        """The upstream's answer, and the token it was sent with."""
+        sent: list[Token] = []
+
+        def last() -> bytes:
+            # The token goes last, so nothing the client sent can override it; and late, once a connection is
+            # ready: after a wait for one (a busy pool), the token renewed meanwhile, never one that expired.
+            token = self._tokens.usable()
+            if token is None:
+                raise NoToken(self._tokens.reason(), retry_after=self._tokens.retry_after())
+            sent.append(token)
+            return b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
+
         started = time.monotonic()
-        exchange = await self._pool.request(method, head, body)
+        exchange = await self._pool.request(method, head, body, last)
         self._metrics.observe_upstream(time.monotonic() - started)
-        return exchange
+        return exchange, sent[-1]
 
     async def _relay(
         self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None

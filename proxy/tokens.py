@@ -14,9 +14,10 @@ the renewal is still needed (double-checked: 200 waiters see the token the first
 however many requests wait, at most one token request is in flight.
 
 An upstream 401 calls :meth:`renew_rejected` with the token that was rejected. It renews only if
-that token is still the current one (invalidation by identity, not by clock), and not more than
-once per ``REJECTION_RENEWAL_INTERVAL_S``, so an endpoint that always answers 401 cannot turn
-every request into a token request.
+that token is still the current one (invalidation by identity, not by clock), and not when that token
+is the one a 401-triggered renewal obtained less than ``REJECTION_RENEWAL_INTERVAL_S`` ago, so an
+endpoint that always answers 401 cannot turn every request into a token request (a token renewed on
+schedule since then is renewed: a second revoke soon after the first is hidden too).
 
 The flight's steps follow ``state.TRANSITIONS``: a rejected refresh moves to LOGGING_IN and the
 same flight logs in; a transient failure moves to BACKING_OFF and the scheduler retries at the
@@ -94,6 +95,7 @@ class TokenManager:
         self._rejections = 0
         self._refresh_failures = 0
         self._last_rejection_renewal = -1e18
+        self._rejection_renewed: Token | None = None  # the token the last 401-triggered renewal obtained
         self.last_error: LastError | None = None
         self.last_renewal_at: float | None = None  # wall clock
         self.counts = {"logins": 0, "refreshes": 0, "failures": 0, "rejections": 0}
@@ -136,13 +138,14 @@ class TokenManager:
             await self._join_flight(rejected)
             return self._after_renewal(rejected)
         now = self._clock()
-        if now - self._last_rejection_renewal < self._rejection_interval:
+        if rejected is self._rejection_renewed and now - self._last_rejection_renewal < self._rejection_interval:
             return None
         if self._flight is None and self._waiting_out_backoff():
             return None
         self._last_rejection_renewal = now
         event("token.rejected_upstream", level=logging.INFO, token=rejected.id)
         await self._join_flight(rejected)
+        self._rejection_renewed = self._token
         return self._after_renewal(rejected)
 
     def _after_renewal(self, rejected: Token) -> Token | None:

@@ -28,6 +28,7 @@ import os
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 from aiohttp import StreamReader
@@ -371,11 +372,16 @@ class Pool:
         method: str,
         head: bytes,
         body: bytes | StreamReader | None,
+        last: Callable[[], bytes] | None = None,
     ) -> Exchange:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
 
         ``head`` must already frame the body: ``Content-Length`` for bytes or a sized stream,
         ``Transfer-Encoding: chunked`` for a stream of unknown size (``body`` is then encoded here).
+        With ``last``, ``head`` ends before the blank line, and ``last()``, called once a connection is
+        ready, gives the head's end: the proxy puts the token there, so a request that waited for a
+        connection leaves with the token current then, not one that expired while it waited. What
+        ``last()`` raises (no usable token) leaves the connection unused, back in the pool.
         """
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
@@ -383,7 +389,12 @@ class Pool:
         for attempt in range(2):
             conn = self._idle_connection() or await self._acquire(loop, deadline)
             try:
-                return await self._exchange(loop, conn, method, head, body, deadline, retry=attempt == 0)
+                whole = head if last is None else head + last()
+            except BaseException:
+                self._put_back(conn)
+                raise
+            try:
+                return await self._exchange(loop, conn, method, whole, body, deadline, retry=attempt == 0)
             except _Retry:
                 continue
         raise UpstreamUnreachable("the upstream closed the connection before answering")
@@ -528,6 +539,15 @@ class Pool:
             self._wake_one()
         else:
             self._discard(conn)
+
+    def _put_back(self, conn: Connection) -> None:
+        """An open connection taken for a request that was not sent after all."""
+        if conn.closed or self._closed:
+            self._discard(conn)
+            return
+        conn.used_at = time.monotonic()
+        self._idle.append(conn)
+        self._wake_one()
 
     def _discard(self, conn: Connection) -> None:
         conn._abort()
