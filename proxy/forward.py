@@ -75,7 +75,10 @@ class Forwarder:
         self._guard = guard
         self._replay_limit = config.upstream.replay_limit_bytes
         self._inject = config.inject.header.encode("ascii")
-        drop = set(HOP_BY_HOP) | {"host", "authorization", config.inject.header.lower(), "expect", "content-length"}
+        injected = config.inject.header.lower()
+        # Also its "-"/"_" twin (Access-Token for access_token): CGI-style servers read both as one variable.
+        twins = {injected, injected.replace("_", "-"), injected.replace("-", "_")}
+        drop = set(HOP_BY_HOP) | {"host", "authorization", "expect", "content-length"} | twins
         drop.add(REQUEST_ID_HEADER.lower())  # sent again as the id we log
         if config.access.api_key:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business

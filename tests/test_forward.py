@@ -85,6 +85,28 @@ async def test_client_authorization_is_replaced_not_added(aiohttp_server, aiohtt
     assert issued is not None and issued.subject == "demo"
 
 
+async def test_client_values_of_the_injected_header_are_dropped_in_either_spelling(aiohttp_server, aiohttp_client):
+    """With an injected access_token header (WebCommander), a client's access_token or Access-Token never
+    reaches the upstream: servers that read headers CGI-style fold "-" and "_" into one variable."""
+    idp = await start_idp(aiohttp_server)
+    seen = []
+
+    async def record(request):
+        seen.append(
+            [(k.lower(), v) for k, v in request.raw_headers if k.lower().replace(b"-", b"_") == b"access_token"]
+        )
+        return web.json_response({})
+
+    url = await _upstream_app(aiohttp_server, record)
+    config = keycloak_config(idp, url, inject={"header": "access_token", "value": "{token}"})
+    client = await start_proxy(aiohttp_client, config)
+    resp = await client.get("/x", headers={"access_token": "client-one", "Access-Token": "client-two"})
+    assert resp.status == 200
+    [arrived] = seen
+    assert len(arrived) == 1 and arrived[0][0] == b"access_token"
+    assert idp.valid(arrived[0][1].decode()) is not None  # the injected token, alone
+
+
 async def test_host_is_the_upstreams(aiohttp_server, aiohttp_client):
     """The upstream sees its own host and port in Host, whatever the client sent."""
     idp = await start_idp(aiohttp_server)
