@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import httptools
@@ -28,27 +28,9 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    """Start a raw TCP upstream on 127.0.0.1 running ``handler`` per connection; returns its URL."""
-    servers: list[asyncio.Server] = []
-
-    async def start(handler: RawHandler) -> str:
-        async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-                pass
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(guarded, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+def upstream(raw_server: Upstream) -> Upstream:
+    """A raw TCP upstream on 127.0.0.1 running ``handler`` per connection (tests/conftest.py)."""
+    return raw_server
 
 
 async def _proxy(aiohttp_server, aiohttp_client, url: str, manager: dict | None = None, **sections) -> TestClient:
