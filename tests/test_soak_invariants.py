@@ -51,7 +51,7 @@ from proxy.tokens import REJECTION_RENEWAL_INTERVAL_S, TokenManager
 from proxy.upstream import Pool
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
 
-SEEDS = (31, 27)  # 1 s and 3 s tokens; between them every kind of fault, hang-up and revoke
+SEEDS = (47, 49)  # 2 s and 1 s tokens; between them every kind of fault, hang-up and revoke, and a stall
 REQUESTS = 110  # client requests per run (a burst counts each of its GETs)
 SCHEDULE_S = 4.0  # requests start within this long; events within the first EVENTS_UNTIL of it
 EVENTS_UNTIL = 0.85
