@@ -681,6 +681,23 @@ async def test_slow_replayable_upload_goes_upstream_with_a_live_token(aiohttp_se
     assert api.rejected == []
 
 
+QUEUED_BODY = bytes(range(256)) * 64
+QUEUED_HEADERS = {"Content-Type": "application/octet-stream", "Content-Length": str(len(QUEUED_BODY))}
+
+
+async def _hold_the_only_connection(client: Any) -> asyncio.Task[Any]:
+    """A slow upload (8 pieces over 1.6 s) that holds a pool_size = 1 proxy's only upstream connection."""
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for i in range(0, len(QUEUED_BODY), 2048):
+            await asyncio.sleep(0.2)
+            yield QUEUED_BODY[i : i + 2048]
+
+    holder = asyncio.create_task(client.post("/v1/echo/slow", data=slowly(), headers=QUEUED_HEADERS))
+    await _wait_until(lambda: client.server.app[FORWARDER]._pool._open == 1, SETTLE_S)
+    return holder
+
+
 async def test_upload_queued_for_a_busy_pool_leaves_with_a_live_token(aiohttp_server, aiohttp_client):
     """A large (not replayable) upload that waits longer for an upstream connection than its token has left is
     sent with the token renewed meanwhile: 200, not the upstream's 401 for a token that expired in the queue."""
@@ -689,16 +706,8 @@ async def test_upload_queued_for_a_busy_pool_leaves_with_a_live_token(aiohttp_se
     config = keycloak_config(idp, url, upstream={"pool_size": 1, "replay_limit_bytes": 1024})
     client = await start_proxy(aiohttp_client, config)
     await _wait_until(lambda: client.server.app[TOKENS].usable() is not None, SETTLE_S)
-    body = bytes(range(256)) * 64
-    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
-
-    async def slowly() -> AsyncIterator[bytes]:
-        for i in range(0, len(body), 2048):  # 8 pieces over 1.6 s, holding the only connection
-            await asyncio.sleep(0.2)
-            yield body[i : i + 2048]
-
-    holder = asyncio.create_task(client.post("/v1/echo/slow", data=slowly(), headers=headers))
-    await _wait_until(lambda: client.server.app[FORWARDER]._pool._open == 1, SETTLE_S)
+    body, headers = QUEUED_BODY, QUEUED_HEADERS
+    holder = await _hold_the_only_connection(client)
     queued = await client.post("/v1/echo/queued", data=body, headers=headers)
     assert queued.status == 200, api.rejected
     assert (await queued.json())["body_sha256"] == hashlib.sha256(body).hexdigest()
@@ -716,16 +725,7 @@ async def test_request_queued_past_its_token_without_a_renewal_gets_503(aiohttp_
     client = await start_proxy(aiohttp_client, config)
     await _wait_until(lambda: client.server.app[TOKENS].usable() is not None, SETTLE_S)
     idp.fail_next(*(Fault(503, "down") for _ in range(100)))  # every renewal fails from now on
-    body = bytes(range(256)) * 64
-    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
-
-    async def slowly() -> AsyncIterator[bytes]:
-        for i in range(0, len(body), 2048):  # 8 pieces over 1.6 s, holding the only connection
-            await asyncio.sleep(0.2)
-            yield body[i : i + 2048]
-
-    holder = asyncio.create_task(client.post("/v1/echo/slow", data=slowly(), headers=headers))
-    await _wait_until(lambda: client.server.app[FORWARDER]._pool._open == 1, SETTLE_S)
+    holder = await _hold_the_only_connection(client)
     queued = await client.get("/v1/hello")
     assert queued.status == 503, api.rejected
     assert (await queued.json())["error"] == "no_token"
