@@ -18,11 +18,12 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import METRICS, LimitedSite, log_startup, make_app, ssl_context
+from .app import METRICS, log_startup, make_app, ssl_context
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
+from .listener import LimitedSite
 from .observability import event, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2

@@ -1,11 +1,12 @@
 """The listener as cli.serve() runs it: listen.max_connections bounds the open client connections, and a
-request aiohttp's parser refuses gets the contract's JSON error."""
+request aiohttp's parser refuses gets the contract's JSON error; and the aiohttp internals it relies on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 from collections.abc import AsyncIterator
@@ -13,10 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 
 from proxy.cli import serve
-from proxy.observability import setup_logging
+from proxy.listener import MAX_HEAD_LINE, LimitedSite, _JsonErrors
+from proxy.observability import Metrics, setup_logging
 from tests.fakes.servers import keycloak_config, start_api, start_idp
 from tests.faults.conftest import wait_for
 
@@ -180,8 +183,9 @@ async def test_idle_connections_and_unfinished_heads_are_closed_after_idle_timeo
 
 async def test_a_request_under_way_is_not_cut_by_idle_timeout(aiohttp_server):
     """The idle timeout only applies between requests: a body arriving slowly, over several idle
-    timeouts, is still forwarded whole and answered."""
-    async with _serving(aiohttp_server, idle_timeout_s=0.3) as port:
+    timeouts, is still forwarded whole and answered (at 1 byte a second over each window it is above
+    listen.min_body_rate; tests/test_request_body.py has the trickle that is not)."""
+    async with _serving(aiohttp_server, idle_timeout_s=0.3, min_body_rate=1) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n"
@@ -195,3 +199,42 @@ async def test_a_request_under_way_is_not_cut_by_idle_timeout(aiohttp_server):
         body = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
         assert (body["body_bytes"], body["body_sha256"]) == (4, hashlib.sha256(b"slow").hexdigest())
         writer.close()
+
+
+async def test_the_aiohttp_internals_the_listener_relies_on_are_still_there():
+    """proxy/listener.py touches aiohttp private attributes; an aiohttp release that renames or drops one
+    fails here, by name, instead of at the first connection. pyproject.toml's aiohttp range is where this
+    passed."""
+    app = web.Application(handler_args={"max_field_size": MAX_HEAD_LINE})
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = LimitedSite(runner, "127.0.0.1", 0, limit=1, metrics=Metrics())
+        server = runner.server
+        assert server is not None
+        where = f"aiohttp {aiohttp.__version__}"
+        for owner, obj, attribute in (
+            ("web.Server", server, "_loop"),
+            ("web.Server", server, "_kwargs"),
+            ("web.BaseSite", site, "_runner"),
+            ("web.BaseSite", site, "_server"),
+            ("web.BaseSite", site, "_backlog"),
+        ):
+            assert hasattr(obj, attribute), f"{where}: {owner}.{attribute} is gone; proxy/listener.py uses it"
+        assert server._loop is asyncio.get_running_loop(), f"{where}: web.Server._loop is not the server's loop"
+        assert server._kwargs.get("max_field_size") == MAX_HEAD_LINE, (
+            f"{where}: web.Server._kwargs no longer holds the RequestHandler keyword arguments (handler_args)"
+        )
+        assert site._runner is runner, f"{where}: web.BaseSite._runner is not the runner"
+        assert isinstance(site._backlog, int), f"{where}: web.BaseSite._backlog is not the listen backlog"
+        handle_error = inspect.signature(web.RequestHandler.handle_error)
+        assert list(handle_error.parameters)[:5] == ["self", "request", "status", "exc", "message"], (
+            f"{where}: web.RequestHandler.handle_error{handle_error} changed; _JsonErrors overrides it"
+        )
+        handler = _JsonErrors(server, loop=server._loop, **server._kwargs)  # what web.Server.__call__ does
+        assert isinstance(handler, web.RequestHandler)
+
+        await site.start()  # the site's own create_server, stored where BaseSite.stop() closes it
+        assert isinstance(site._server, asyncio.AbstractServer), f"{where}: web.BaseSite._server is not the server"
+    finally:
+        await runner.cleanup()
