@@ -76,12 +76,19 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 def _run(main_coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed (the `fast` extra), else on asyncio's loop."""
+    # Decided before the run, not around it: an exception raised while handling the ImportError would
+    # carry it as its __context__, and every traceback from the run would end in "No module named 'uvloop'".
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(main_coro)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when uvloop is installed; None (asyncio's own loop) otherwise."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main_coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main_coro)
+        return None
+    return uvloop.new_event_loop
 
 
 def _with_port(config: Config, port: int) -> Config:

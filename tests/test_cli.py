@@ -1,4 +1,4 @@
-"""The installed console script, run as a user would: `oauth-sidecar --dev`, `--version`."""
+"""The installed console script, run as a user would: `oauth-sidecar --dev`, `--version`; and how cli runs the loop."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from proxy import __version__
+from proxy import __version__, cli
 
 STARTUP_TIMEOUT_S = 30.0
 CURL_LINE = re.compile(r"curl (http://127\.0\.0\.1:\d+/v1/hello)\s*$")
@@ -105,3 +106,29 @@ async def test_version():
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err
     assert out.decode().strip() == f"oauth-sidecar {__version__}"
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and every exception it carries as ``__context__`` or ``__cause__``."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+@pytest.mark.parametrize("uvloop_installed", [True, False], ids=["uvloop", "no-uvloop"])
+def test_an_exception_escaping_the_run_carries_no_uvloop_import_error(monkeypatch, uvloop_installed):
+    """cli._run decides on uvloop before the run: what the run raises is not chained to an ImportError."""
+    if uvloop_installed:
+        pytest.importorskip("uvloop")
+    else:
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+
+    async def fails() -> int:
+        raise RuntimeError("raised inside the run")
+
+    with pytest.raises(RuntimeError, match="raised inside the run") as raised:
+        cli._run(fails())
+    chained = _chain(raised.value)
+    assert not [exc for exc in chained if isinstance(exc, ImportError)], chained
