@@ -45,6 +45,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "shutdown_grace_s": (float, 30.0),
         "max_connections": (int, 1024),
         "idle_timeout_s": (float, 75.0),
+        "min_body_rate": (float, 1024.0),
     },
     "upstream": {
         "url": (str, ""),
@@ -104,6 +105,8 @@ class ListenConfig:
     shutdown_grace_s: float = 30.0
     max_connections: int = 1024
     idle_timeout_s: float = 75.0
+    # Bytes a second a request body must average over any idle_timeout_s spent waiting for it; 0 = off.
+    min_body_rate: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,7 @@ def _build(raw: _Raw, source: str) -> Config:
             shutdown_grace_s=values["listen"]["shutdown_grace_s"],
             max_connections=values["listen"]["max_connections"],
             idle_timeout_s=values["listen"]["idle_timeout_s"],
+            min_body_rate=values["listen"]["min_body_rate"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
@@ -492,6 +496,8 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
         raise fail("listen", "max_connections", "must be at least 1")
     if listen["idle_timeout_s"] <= 0:
         raise fail("listen", "idle_timeout_s", "must be greater than 0")
+    if listen["min_body_rate"] < 0:
+        raise fail("listen", "min_body_rate", "must not be negative (0 turns the check off)")
     _check_strings(listen, "listen", "allowed_hosts", fail)
 
     if not upstream["url"]:

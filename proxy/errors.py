@@ -5,7 +5,8 @@
     ├── RequestRefused                the proxy will not forward this request
     │   ├── BadRequest          400   absolute-form URI to another host, CONNECT, dot segments
     │   ├── Unauthenticated     401   missing or wrong X-Api-Key
-    │   └── Forbidden           403   method/path/client outside [access], Host, Origin
+    │   ├── Forbidden           403   method/path/client outside [access], Host, Origin
+    │   └── RequestTimeout      408   the request body trickles in below listen.min_body_rate
     ├── TokenError                    getting a token from the identity provider
     │   ├── TokenRejected             the provider refused the grant (wrong password, dead refresh token)
     │   ├── TokenUnavailable          transport error, 5xx, 429, or a response we cannot use
@@ -63,6 +64,11 @@ class Unauthenticated(RequestRefused):
 class Forbidden(RequestRefused):
     status = 403
     code = "forbidden"
+
+
+class RequestTimeout(RequestRefused):
+    status = 408
+    code = "request_timeout"
 
 
 class TokenError(SidecarError):

@@ -12,11 +12,13 @@ be replayed (no body, or one small enough that it was buffered); otherwise the 4
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
 import time
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -24,11 +26,13 @@ from yarl import URL
 
 from .access import Guard
 from .config import Config
-from .errors import BadRequest, NoToken, SidecarError
+from .errors import BadRequest, NoToken, RequestTimeout, SidecarError, UpstreamUnreachable
 from .observability import Metrics, access_log, event
+from .response import RelayResponse
 from .state import Token
 from .tokens import TokenManager
 from .upstream import BodyInterrupted, Exchange, Pool
+from .wire import NO_BODY, Body, Framing, WireError, request_framing
 
 # RFC 9110 §7.6.1, plus the legacy Proxy-Connection.
 HOP_BY_HOP = frozenset(
@@ -48,9 +52,6 @@ HOP_BY_HOP = frozenset(
 # Retry a request at most this many times after the upstream rejected the token.
 MAX_AUTH_RETRIES = 1
 REQUEST_ID_HEADER = "X-Request-Id"
-# Methods whose requests are expected to carry a body: sent with Content-Length: 0 when empty.
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-NO_BODY_STATUSES = frozenset({204, 304})
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 # A client's X-Request-Id is kept when it is this short and plain; otherwise one is generated, so a
 # client cannot put control characters or a megabyte into every log line and upstream request.
@@ -59,7 +60,74 @@ MAX_REQUEST_ID = 128
 
 def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
     """The JSON body of an error the proxy makes itself: ``{"error": ..., "detail": ...}``."""
-    return web.json_response({"error": exc.code, "detail": exc.detail}, status=exc.status, headers=headers)
+    response = web.json_response({"error": exc.code, "detail": exc.detail}, status=exc.status, headers=headers)
+    if isinstance(exc, RequestTimeout):
+        response.force_close()  # the rest of a trickling body is not waited for
+    return response
+
+
+class Progress:
+    """What a request has been answered so far: the access line and the metrics read it even when the
+    client hung up (the handler is then cancelled mid-relay)."""
+
+    __slots__ = ("outcome", "size", "status")
+
+    def __init__(self) -> None:
+        self.status = 0  # 0: no response head was sent
+        self.size = 0  # body bytes written to the client
+        self.outcome = ""  # "" when answered whole; else why not (client_gone, upstream_cut)
+
+
+class PacedBody:
+    """The client's request body, refused with 408 when it arrives slower than ``min_rate`` bytes a
+    second over any ``window`` seconds spent waiting for it (Apache's ``RequestReadTimeout ... MinRate``).
+
+    Only time spent waiting for the client counts: while the upstream holds the body back (its own
+    backpressure), the client is not to blame. A real upload, however large, is never cut while it
+    moves at a usable speed; a trickle (1000 bytes announced, one byte every 2 s) frees its slot."""
+
+    __slots__ = ("_got", "_loop", "_min_bytes", "_stream", "_waited", "_window")
+
+    def __init__(self, stream: StreamReader, window: float, min_rate: float) -> None:
+        self._stream = stream
+        self._loop = asyncio.get_running_loop()
+        self._window = window
+        self._min_bytes = min_rate * window
+        self._waited = 0.0
+        self._got = 0
+
+    async def readany(self) -> bytes:
+        if self._min_bytes <= 0:
+            return await self._stream.readany()
+        loop = self._loop
+        while True:
+            started = loop.time()
+            chunk: bytes | None = None
+            try:
+                async with asyncio.timeout_at(started + self._window - self._waited):
+                    chunk = await self._stream.readany()
+            except TimeoutError:
+                pass
+            self._waited += loop.time() - started
+            if chunk:
+                self._got += len(chunk)
+            if self._waited >= self._window:
+                if self._got < self._min_bytes and chunk != b"":
+                    rate = self._min_bytes / self._window
+                    raise RequestTimeout(
+                        f"the request body arrived slower than listen.min_body_rate ({rate:g} bytes/s "
+                        f"over {self._window:g} s)"
+                    )
+                self._waited, self._got = 0.0, 0
+            if chunk is not None:
+                return chunk
+
+    async def read(self) -> bytes:
+        """The whole body (a small, replayable one)."""
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
 
 
 class Forwarder:
@@ -74,6 +142,8 @@ class Forwarder:
         self._metrics = metrics
         self._guard = guard
         self._replay_limit = config.upstream.replay_limit_bytes
+        self._body_window = config.listen.idle_timeout_s
+        self._min_body_rate = config.listen.min_body_rate
         self._inject = config.inject.header.encode("ascii")
         injected = config.inject.header.lower()
         # Also its "-"/"_" twin (Access-Token for access_token): CGI-style servers read both as one variable.
@@ -84,6 +154,8 @@ class Forwarder:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business
         self._drop_request = frozenset(name.encode("ascii") for name in drop)
         self._drop_response = frozenset(name.encode("ascii") for name in HOP_BY_HOP | {"content-length"})
+        # A HEAD's or a 304's Content-Length describes the body a GET would get: it passes through.
+        self._drop_bodiless = frozenset(name.encode("ascii") for name in HOP_BY_HOP)
         self._access_log = config.log.access_log
         # Request ids: a random prefix per process and a counter, 32 hex digits like a UUID's, at a
         # fraction of uuid4's cost (it reads os.urandom for every request).
@@ -96,75 +168,90 @@ class Forwarder:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _usable_request_id(request_id):
             request_id = f"{self._id_prefix}{next(self._ids):012x}"
-        status, size = 0, 0
+        progress = Progress()
         self._metrics.in_flight_count += 1
         try:
-            response, size = await self._forward(request, method, request_id)
-            status = response.status
-            return response
+            return await self._forward(request, method, request_id, progress)
         except SidecarError as exc:
-            status = exc.status
             headers = {REQUEST_ID_HEADER: request_id}
             retry_after = getattr(exc, "retry_after", None)
-            if status == 503 and retry_after is not None:
+            if exc.status == 503 and retry_after is not None:
                 headers["Retry-After"] = str(max(1, round(retry_after)))
-            self._metrics.count_request(method, status, "proxy")
-            if status >= 500:
+            self._metrics.count_request(method, exc.status, "proxy")
+            if exc.status >= 500:
                 event(
                     "request.failed",
                     level=logging.WARNING,
                     method=method,
                     path=_logged_path(request),
-                    status=status,
+                    status=exc.status,
                     error=exc.code,
                     detail=exc.detail,
                     request_id=request_id,
                 )
             response = error_response(exc, headers)
-            size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
+            progress.status = exc.status
+            progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
             return response
+        except asyncio.CancelledError:
+            progress.outcome = progress.outcome or "client_gone"  # the client hung up: aiohttp cancelled us
+            raise
         finally:
             self._metrics.in_flight_count -= 1
             if self._access_log and access_log.isEnabledFor(logging.INFO):
+                fields: dict[str, Any] = {"outcome": progress.outcome} if progress.outcome else {}
                 event(
                     "request",
                     logger=access_log,
                     method=method,
                     path=_logged_path(request),
-                    status=status,
-                    bytes=size,
+                    status=progress.status,
+                    bytes=progress.size,
                     duration_ms=round((time.monotonic() - started) * 1000, 2),
                     request_id=request_id,
+                    **fields,
                 )
 
-    async def _forward(self, request: web.Request, method: str, request_id: str) -> tuple[web.StreamResponse, int]:
+    async def _forward(
+        self, request: web.Request, method: str, request_id: str, progress: Progress
+    ) -> web.StreamResponse:
         allowed_origin = self._guard.check_listener(request)
         if allowed_origin is not None and method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return self._guard.preflight(request, allowed_origin), 0
+            response = self._guard.preflight(request, allowed_origin)
+            progress.status = response.status
+            return response
         target = self._target(request)
         self._guard.check_api_key(request)
         self._guard.check_forward(method, target.partition("?")[0])
 
-        body: bytes | StreamReader | None = None
+        # The body's framing is decided here, once, from aiohttp's parse of the request, and handed to the
+        # pool with the head it goes with; nothing downstream reads it back out of bytes.
+        try:
+            framing = request_framing(
+                method,
+                has_body=request.body_exists,
+                content_length=request.content_length,
+                chunked="Transfer-Encoding" in request.headers,
+            )
+        except WireError as exc:
+            raise BadRequest(str(exc)) from None
+        body: bytes | PacedBody | None = None
         replayable = True
-        framing = b""
-        if request.body_exists:
-            length = request.content_length
-            if length is not None and length <= self._replay_limit:
-                body = await request.read()
-                framing = b"Content-Length: %d\r\n" % len(body)
+        if framing.has_body:
+            paced = PacedBody(request.content, self._body_window, self._min_body_rate)
+            if framing.body is Body.LENGTH and framing.length <= self._replay_limit:
+                body = await paced.read()
+                if len(body) != framing.length:  # aiohttp's parser delimits it: a second lock on the door
+                    raise BadRequest("the request body does not match its Content-Length")
             else:
-                body, replayable = request.content, False
-                framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
-        elif method in BODY_METHODS:
-            framing = b"Content-Length: 0\r\n"
+                body, replayable = paced, False
         connection = request.headers.getall("Connection", [])
-        head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing
+        head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing.header()
         # Only now, once the body is read: a slow client must not make the proxy send a token that expired meanwhile.
         if self._tokens.usable() is None:  # no coroutine while it is fresh
             await self._tokens.get()  # the renewal in flight, or NoToken (503) at once
 
-        upstream, token = await self._send(method, head, body)
+        upstream, token = await self._send(method, head, body, framing)
         try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
             if upstream.status == 401 and replayable:
                 for _ in range(MAX_AUTH_RETRIES):
@@ -173,10 +260,10 @@ class Forwarder:
                         break
                     upstream.release()
                     self._metrics.auth_retries.inc()
-                    upstream, token = await self._send(method, head, body)
+                    upstream, token = await self._send(method, head, body, framing)
                     if upstream.status != 401:
                         break
-            return await self._relay(request, upstream, request_id, allowed_origin)
+            return await self._relay(request, upstream, request_id, allowed_origin, progress)
         finally:
             upstream.release()
 
@@ -215,7 +302,9 @@ class Forwarder:
         parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")  # the id we log, exactly
         return b"".join(parts)
 
-    async def _send(self, method: str, head: bytes, body: bytes | StreamReader | None) -> tuple[Exchange, Token]:
+    async def _send(
+        self, method: str, head: bytes, body: bytes | PacedBody | None, framing: Framing
+    ) -> tuple[Exchange, Token]:
         """The upstream's answer, and the token it was sent with."""
         sent: list[Token] = []
 
@@ -229,80 +318,92 @@ class Forwarder:
             return b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
 
         started = time.monotonic()
-        exchange = await self._pool.request(method, head, body, last)
+        exchange = await self._pool.request(method, head, body, last, framing=framing)
         self._metrics.observe_upstream(time.monotonic() - started)
         return exchange, sent[-1]
 
     async def _relay(
-        self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None
-    ) -> tuple[web.StreamResponse, int]:
-        drop = self._drop_response
-        content_length: int | None = None
+        self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
+    ) -> web.StreamResponse:
+        status = upstream.status
+        framing = upstream.framing
+        bodiless = framing is NO_BODY and status != 204  # HEAD and 304: their Content-Length passes through
+        drop = self._drop_bodiless if bodiless else self._drop_response
         connection: list[bytes] = []
         kept = []
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
-                if lowered == b"content-length":
-                    content_length = int(value)
-                elif lowered == b"connection":
+                if lowered == b"connection":
                     connection.append(value)
                 continue
             kept.append((lowered, name, value))
-        named = _named_in_connection(connection)
+        named = _named_in_connection(connection) if connection else set()
         if origin is not None:
             named.add(b"access-control-allow-origin")  # ours replaces the upstream's
-        # A list, not a CIMultiDict: aiohttp's response copies what it is given into its own.
-        headers: list[tuple[str, str]] = []
+        # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1). llhttp has refused
+        # CR, LF and NUL inside them and inside the reason; the scan below is the second lock on that door,
+        # since one stray LF here would let the upstream write a second response head to the client.
+        reason = upstream.reason.encode("latin-1")
+        lines: list[bytes] = []
         has_id = False
         for lowered, name, value in kept:
             if lowered not in named:
-                headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+                lines += (name, b": ", value, b"\r\n")
                 has_id = has_id or lowered == b"x-request-id"
+        raw = b"".join(lines)
+        count = len(lines) // 4
+        if (
+            raw.count(b"\n") != count
+            or raw.count(b"\r") != count
+            or b"\x00" in raw
+            or b"\n" in reason
+            or b"\r" in reason
+        ):
+            raise UpstreamUnreachable("the upstream sent a response head the proxy will not relay (control bytes)")
         if not has_id:
-            headers.append((REQUEST_ID_HEADER, request_id))
+            raw += b"X-Request-Id: %s\r\n" % request_id.encode("ascii")
         if origin is not None:
-            headers += (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
-        status = upstream.status
+            raw += b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % origin.encode("latin-1")
         self._metrics.count_request(request.method, status, "upstream")
 
-        if upstream.complete and status not in NO_BODY_STATUSES and request.method != "HEAD":
-            # The whole body is here already (small responses): one write, no streaming machinery.
+        if upstream.complete:
+            # The whole body is here already (small responses): head and body in one write.
             body = upstream.take()
+            response = RelayResponse(status, reason, raw, framing, whole=body)
+            progress.status = status
+            progress.size = len(body)
             self._metrics.bytes_out_total += len(body)
-            return web.Response(status=status, reason=upstream.reason, headers=headers, body=body), len(body)
+            return response
 
-        response = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
-        if content_length is not None:  # bytes are relayed as received, so it still holds
-            response.content_length = content_length
+        response = RelayResponse(status, reason, raw, framing)
         await response.prepare(request)
-        size = 0
+        progress.status = status
         try:
-            while True:
-                chunk = await upstream.read()
-                if not chunk:
-                    break
-                size += len(chunk)
+            while chunk := await upstream.read():
                 await response.write(chunk)
+                progress.size += len(chunk)
+                self._metrics.bytes_out_total += len(chunk)
         except BodyInterrupted as exc:
             # The upstream failed mid-body: cut the client's connection so a short body is never
             # presented as complete (no terminating chunk, fewer bytes than Content-Length).
+            progress.outcome = "upstream_cut"
             event(
                 "upstream.body_interrupted",
                 level=logging.WARNING,
-                path=request.path,
-                bytes=size,
+                path=_logged_path(request),
+                bytes=progress.size,
                 error=str(exc),
                 request_id=request_id,
             )
             if request.transport is not None:
                 request.transport.close()
-            return response, size
+            return response
         except ConnectionError:
-            return response, size  # the client disconnected while we wrote
-        self._metrics.bytes_out_total += size
+            progress.outcome = "client_gone"  # the client disconnected while we wrote
+            return response
         await response.write_eof()
-        return response, size
+        return response
 
 
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:

@@ -29,12 +29,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import httptools
-from aiohttp import StreamReader
 from yarl import URL
 
-from .errors import UpstreamTimeout, UpstreamUnreachable
+from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
+from .wire import NO_BODY, Body, ExchangeState, Framing, Phase, WireError, length, response_framing
 
 # Pause reading from the upstream when this many body bytes wait for the client.
 HIGH_WATER = 512 * 1024
@@ -54,6 +55,15 @@ MAX_RESPONSE_HEADERS = 256
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
+class BodyStream(Protocol):
+    """A request body that arrives over time (the client's, paced by the forwarder)."""
+
+    async def readany(self) -> bytes: ...
+
+
+Body_ = bytes | BodyStream | None
+
+
 class BodyInterrupted(Exception):
     """The upstream connection failed after the response head: the body is incomplete."""
 
@@ -62,40 +72,56 @@ class _Retry(Exception):
     """A reused connection was closed by the upstream before it answered: try a fresh one."""
 
 
-class Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to the upstream, one exchange at a time."""
+class _PastTheResponse(Exception):
+    """Raised inside llhttp's callbacks to stop it at bytes that follow the response."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the upstream, one exchange at a time.
+
+    What the exchange may do next is :attr:`state` (proxy/wire.py); this class moves it from what
+    the transport and llhttp report, and holds the response's head and body bytes for the reader.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
         self._loop = loop
+        self._clock = clock
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self.state = ExchangeState()
         self.closed = False
-        self.used_at = 0.0
-        self.idle_limit = KEEPALIVE_S  # reused only while idle for less than this (see _idle_limit)
+        self.active = False  # an exchange is under way (else any byte from the upstream is a violation)
         self.reused = False
-        self.active = False  # an exchange is under way
-        self._reset()
+        self.used_at = 0.0  # the pool's clock, when it last went idle
+        self.idle_limit = KEEPALIVE_S  # reused only while idle for less than this (see _idle_limit)
+        self.moved_at = 0.0  # the loop's clock, when a byte last moved either way (upstream.timeout_s)
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
+        self._reset("GET")
 
-    def _reset(self) -> None:
+    def _reset(self, method: str) -> None:
+        self._method = method
+        self._parser = httptools.HttpResponseParser(self)  # a fresh one per exchange: nothing carries over
         self.status = 0
         self.reason = b""
         self.headers: HeaderList = []
         self.head_bytes = 0
         self.chunks: list[bytes] = []
         self.buffered = 0
-        self.complete = False
-        self.head_done = False
-        self.until_eof = False
-        self.remaining: int | None = None  # body bytes still due, when framed by Content-Length
-        self.keep_alive = False
+        self.remaining = 0  # body bytes still due, when framed by Content-Length
         self.error: BaseException | None = None
         self.got_bytes = False
-        self._head_only = False
-        self._informational = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
+
+    @property
+    def complete(self) -> bool:
+        """The whole response has arrived."""
+        return self.state.response is Phase.DONE
+
+    @property
+    def head_done(self) -> bool:
+        """The final response head has arrived (``status`` is set only then)."""
+        return self.status != 0
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -107,37 +133,52 @@ class Connection(asyncio.Protocol):
             self._abort()
             return
         self.got_bytes = True
-        remaining = self.remaining
-        if remaining and self.head_done and not self.complete:
-            # The rest of a Content-Length body: llhttp would only count it, and httptools would copy
-            # every chunk into new bytes on the way; take it as it came (a copy less per 256 KiB
-            # while streaming) and give the next response on this connection a fresh parser.
-            if len(data) > remaining:  # more than announced: keep what was due, never reuse
-                data, self.keep_alive = data[:remaining], False
-            self.remaining = remaining = remaining - len(data)
-            self._add_body(data)
-            if remaining == 0:
-                self._complete_outside_parser()
+        self.moved_at = self._loop.time()
+        state = self.state
+        if state.response is not Phase.SEND_BODY or state.response_framing.body is not Body.LENGTH:
+            if state.response is Phase.DONE:  # the response is whole: these bytes belong to no exchange
+                self._past_the_response()
+                return
+            self._feed(data)
             return
+        # The rest of a Content-Length body: llhttp would only count it, and httptools would copy every
+        # chunk into new bytes on the way; take it as it came (a copy less per 256 KiB while streaming).
+        remaining = self.remaining
+        extra = len(data) > remaining
+        if extra:
+            data = data[:remaining]
+        self.remaining = remaining - len(data)
+        self._add_body(data)
+        if self.remaining == 0:
+            state.response_ended()
+            self._wake()
+        if extra:
+            self._past_the_response()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ConnectionError(f"the upstream sent a malformed response ({exc})"))
-            self._abort()
-            return
         except httptools.HttpParserUpgrade:  # not a parse error: llhttp stops at a 101 Switching Protocols
             self._fail(ConnectionError("the upstream switched protocols (101); the proxy forwards plain HTTP only"))
-            self._abort()
-            return
-        if self._head_only and self.head_done:
-            # A response to HEAD has no body whatever its Content-Length says; llhttp would wait for one.
-            self._complete_outside_parser()
+        except httptools.HttpParserError as exc:
+            if self.state.response is Phase.DONE:  # llhttp was stopped (or choked) past the response's end
+                self._past_the_response()
+                return
+            if self.error is None:
+                reason = exc.__cause__ or exc.__context__ or exc
+                detail = (
+                    f"a response it cannot relay: {reason}"
+                    if isinstance(reason, WireError)
+                    else f"a malformed response ({exc})"
+                )
+                self._fail(ConnectionError(f"the upstream sent {detail}"))
+            else:
+                self._fail(self.error)
 
-    def _complete_outside_parser(self) -> None:
-        """The response ended where llhttp does not know it (HEAD, a body taken past the parser): the
-        parser still expects body bytes, so the next response on this connection gets a fresh one."""
-        self._parser = httptools.HttpResponseParser(self)
-        self.complete = True
+    def _past_the_response(self) -> None:
+        """Bytes after a complete response: dropped unread, and the connection is closed, never reused."""
+        self.state.extra_bytes()
+        self._abort()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -145,10 +186,11 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.head_done and not self.complete and self.until_eof and exc is None:
-            self.complete = True  # a body delimited by the end of the connection
-        elif not self.complete and self.error is None:
-            self.error = exc or ConnectionResetError("the upstream closed the connection")
+        if self.active:
+            before = self.state.response
+            self.state.connection_closed()
+            if self.state.failed and self.error is None and before is not Phase.DONE:
+                self.error = exc or ConnectionResetError("the upstream closed the connection")
         self._wake()
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
@@ -165,51 +207,55 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.state.response is Phase.DONE:  # a second response in the same bytes: never parsed
+            raise _PastTheResponse
+
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:
+        if self.state.response is not Phase.IDLE:
             return  # a trailer field (after a chunked body): never merged into the head (RFC 9110 §6.5.1)
         self.headers.append((name, value))
         self.head_bytes += len(name) + len(value)
         if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_HEADERS:
-            self._fail(
-                ConnectionError(
-                    f"the upstream sent a response head over {MAX_RESPONSE_HEAD // 1024} KiB "
-                    f"or {MAX_RESPONSE_HEADERS} header lines"
-                )
+            self.error = ConnectionError(
+                f"the upstream sent a response head over {MAX_RESPONSE_HEAD // 1024} KiB "
+                f"or {MAX_RESPONSE_HEADERS} header lines"
             )
-            raise ValueError("response head too large")  # stops llhttp; data_received aborts
+            raise ValueError("response head too large")  # stops llhttp; _feed fails the exchange
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        state = self.state
         if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
-            self._informational = True
+            state.informational()
             self.headers, self.reason, self.head_bytes = [], b"", 0
             return
-        self.status = status
-        self.head_done = True
-        self.keep_alive = self._parser.should_keep_alive()  # only meaningful before the body
-        length = chunked = None
+        content_length = transfer_encoding = None
         idle_limit = KEEPALIVE_S
         for name, value in self.headers:
             lowered = name.lower()
             if lowered == b"content-length":
-                length = int(value)  # llhttp has checked it is one number
-            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
+                content_length = value
+            elif lowered == b"transfer-encoding":
+                transfer_encoding = value if transfer_encoding is None else transfer_encoding + b"," + value
             elif lowered == b"keep-alive":
                 idle_limit = _idle_limit(value)
+        framing = response_framing(self._method, status, content_length, transfer_encoding)  # WireError: refused
+        self.status = status
         self.idle_limit = idle_limit
-        if not self._head_only and status not in (204, 304):
-            self.until_eof = length is None and not chunked
-            if length is not None and not chunked:
-                self.remaining = length
+        state.response_head(framing, keep_alive=self._parser.should_keep_alive())
+        if framing.body is Body.LENGTH:
+            self.remaining = framing.length
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.remaining is not None:
+        state = self.state
+        if state.response is not Phase.SEND_BODY:  # a body for HEAD, 204 or 304: past the response
+            raise _PastTheResponse
+        if state.response_framing.body is Body.LENGTH:
             self.remaining -= len(body)
         self._add_body(body)
 
@@ -222,24 +268,33 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        self.complete = True
-        self._wake()
+        if self.state.response is Phase.SEND_BODY:  # else a 1xx, or a response already ended at its head
+            self.state.response_ended()
+            self._wake()
 
     # --- used by Pool and Exchange ---------------------------------------------------------------
 
-    def begin(self, head_only: bool) -> None:
-        self._reset()
-        self._head_only = head_only
+    def begin(self, method: str, framing: Framing) -> None:
+        self._reset(method)
+        self.state.send_head(framing)
         self.active = True
+        self.moved_at = self._loop.time()
+
+    def body_sent(self) -> None:
+        if self.state.request is Phase.SEND_BODY:
+            self.state.request_ended()
 
     def sent(self, sender: asyncio.Task[None]) -> None:
-        """The request body was copied, or copying it failed (the client went away)."""
-        if not sender.cancelled() and sender.exception() is not None:
-            self._fail(sender.exception())  # type: ignore[arg-type]
-            self._abort()
+        """The request body was copied, or copying it failed (the client went away, or was too slow)."""
+        if sender.cancelled():
+            if self.state.request is Phase.SEND_BODY:
+                self._fail(ConnectionResetError("the request body was not sent whole"))
+            return
+        exc = sender.exception()
+        if exc is not None:
+            self._fail(exc)
+        else:
+            self.body_sent()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -249,8 +304,11 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        """This exchange is over: the connection is closed; an unfinished response is an error."""
         if self.error is None and not self.complete:
             self.error = exc
+        self.state.abort()
+        self._abort()
         self._wake()
 
     def _abort(self) -> None:
@@ -276,30 +334,30 @@ class Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         self.buffered = 0
+        self.moved_at = self._loop.time()
         if self._paused_reading and self.transport is not None and not self.closed:
             self._paused_reading = False
             self.transport.resume_reading()
         return data
 
     def reusable(self) -> bool:
-        return self.complete and not self.closed and not self.until_eof and self.keep_alive
+        return not self.closed and self.state.reusable()
 
 
 class Exchange:
-    """The upstream's response: status, raw headers, and the body to read in chunks."""
+    """The upstream's response: status, raw headers, its framing, and the body to read in chunks."""
 
-    __slots__ = ("_conn", "_pool", "_sender", "_timer", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "_sender", "_timer", "framing", "headers", "reason", "status")
 
-    def __init__(
-        self, pool: Pool, conn: Connection, timer: asyncio.TimerHandle, sender: asyncio.Task[None] | None = None
-    ) -> None:
+    def __init__(self, pool: Pool, conn: Connection, timer: _Idle, sender: asyncio.Task[None] | None = None) -> None:
         self._pool = pool
         self._conn = conn
-        self._timer: asyncio.TimerHandle | None = timer
+        self._timer: _Idle | None = timer
         self._sender = sender  # the request body still being sent, if the answer came first
         self.status = conn.status
-        self.reason = conn.reason.decode("latin-1")
+        self.reason = conn.reason.decode("latin-1")  # the bytes as received, one char each
         self.headers = conn.headers
+        self.framing = conn.state.response_framing  # decided once, from the head (proxy/wire.py)
 
     @property
     def complete(self) -> bool:
@@ -319,12 +377,14 @@ class Exchange:
             if conn.complete:
                 self.release()
                 return b""
-            if conn.error is not None:
-                raise BodyInterrupted(_describe(conn.error))
+            if conn.error is not None or conn.state.failed:
+                raise BodyInterrupted(
+                    _describe(conn.error or ConnectionResetError("the upstream closed the connection"))
+                )
             await conn.wait()
 
     def release(self) -> None:
-        """Done with this response: back to the pool when read to the end, else closed."""
+        """Done with this response: back to the pool when both directions are done, else closed."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -332,6 +392,33 @@ class Exchange:
                 self._sender.cancel()  # a no-op once the body was sent
                 self._sender = None
             self._pool.release(self._conn)
+
+
+class _Idle:
+    """upstream.timeout_s for one exchange: fires when no byte has moved either way for that long.
+
+    One timer per exchange, re-armed only when it fires early (bytes moved meanwhile): the hot path
+    only stores the loop's time in ``Connection.moved_at``."""
+
+    __slots__ = ("_conn", "_handle", "_loop", "_timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection, timeout: float) -> None:
+        self._loop, self._conn, self._timeout = loop, conn, timeout
+        self._handle: asyncio.TimerHandle | None = loop.call_at(conn.moved_at + timeout, self._check)
+
+    def _check(self) -> None:
+        conn = self._conn
+        due = conn.moved_at + self._timeout
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._handle = None
+        conn._fail(TimeoutError("upstream.timeout_s elapsed with no byte moving"))
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class Pool:
@@ -345,6 +432,7 @@ class Pool:
         connect_timeout_s: float,
         timeout_s: float,
         ssl_context: ssl.SSLContext | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         base = URL(url)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -360,10 +448,19 @@ class Pool:
         self._limit = max(1, limit)
         self._connect_timeout = connect_timeout_s
         self._timeout = timeout_s
+        self._clock = clock  # idle reuse (KEEPALIVE_S, Keep-Alive: timeout=N); tests pass a fake one
         self._idle: list[Connection] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
 
     # --- the one public operation ----------------------------------------------------------------
 
@@ -371,18 +468,28 @@ class Pool:
         self,
         method: str,
         head: bytes,
-        body: bytes | StreamReader | None,
+        body: Body_,
         last: Callable[[], bytes] | None = None,
+        *,
+        framing: Framing | None = None,
     ) -> Exchange:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
 
-        ``head`` must already frame the body: ``Content-Length`` for bytes or a sized stream,
-        ``Transfer-Encoding: chunked`` for a stream of unknown size (``body`` is then encoded here).
+        ``framing`` is how ``head`` frames the body (proxy/wire.py), decided by whoever built the head
+        from the parsed request; the pool writes the body by it and never looks inside the head. It may
+        be omitted for no body (NO_BODY) or a bytes body (its length). A stream that ends before its
+        Content-Length, or would run past it, fails the exchange and closes the connection.
         With ``last``, ``head`` ends before the blank line, and ``last()``, called once a connection is
         ready, gives the head's end: the proxy puts the token there, so a request that waited for a
         connection leaves with the token current then, not one that expired while it waited. What
         ``last()`` raises (no usable token) leaves the connection unused, back in the pool.
         """
+        if framing is None:
+            if body is not None and not isinstance(body, bytes | bytearray):
+                raise WireError("a streamed body needs its framing")
+            framing = NO_BODY if body is None else length(len(body))
+        elif isinstance(body, bytes | bytearray) and framing != length(len(body)):
+            raise WireError("a bytes body is framed by its own length")
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         deadline = loop.time() + self._timeout
@@ -394,7 +501,7 @@ class Pool:
                 self._put_back(conn)
                 raise
             try:
-                return await self._exchange(loop, conn, method, whole, body, deadline, retry=attempt == 0)
+                return await self._exchange(loop, conn, method, whole, body, framing, retry=attempt == 0)
             except _Retry:
                 continue
         raise UpstreamUnreachable("the upstream closed the connection before answering")
@@ -405,25 +512,26 @@ class Pool:
         conn: Connection,
         method: str,
         head: bytes,
-        body: bytes | StreamReader | None,
-        deadline: float,
+        body: Body_,
+        framing: Framing,
         retry: bool,
     ) -> Exchange:
-        conn.begin(head_only=method == "HEAD")
-        timer = loop.call_at(deadline, self._expire, conn)
+        conn.begin(method, framing)
+        timer = _Idle(loop, conn, self._timeout)
         sender: asyncio.Task[None] | None = None
         try:
             transport = conn.transport
             assert transport is not None
-            if body is None:
-                transport.write(head)
-            elif isinstance(body, bytes | bytearray):
-                transport.write(head + body if len(body) < WRITE_CHUNK else head)
-                if len(body) >= WRITE_CHUNK:
+            if body is None or isinstance(body, bytes | bytearray):
+                if body is not None and len(body) >= WRITE_CHUNK:
+                    transport.write(head)
                     transport.write(body)
+                else:
+                    transport.write(head + body if body else head)
+                conn.body_sent()
             else:
                 transport.write(head)
-                sender = loop.create_task(_send_stream(conn, body, chunked=b"chunked" in head.lower()))
+                sender = loop.create_task(_send_stream(conn, body, framing))
                 sender.add_done_callback(conn.sent)
             while not conn.head_done:
                 if conn.error is not None:
@@ -437,31 +545,28 @@ class Pool:
             self._discard(conn)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, RequestRefused):  # the client's body was the problem (too slow): its error
+                raise
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout("the upstream did not answer in time (upstream.timeout_s)") from exc
             if (
                 retry
                 and reused
                 and method in IDEMPOTENT_METHODS
-                and not isinstance(body, StreamReader)
+                and (body is None or isinstance(body, bytes | bytearray))
                 and isinstance(exc, ConnectionError)
             ):
                 raise _Retry from exc
             raise UpstreamUnreachable(f"the upstream connection failed ({_describe(exc)})") from exc
         if sender is not None and not sender.done():
-            # The upstream answered before it had the whole body: the connection cannot be reused, but
-            # the answer is still the answer. An error (413, 401) says it does not want the rest: stop
-            # sending (RFC 9112 §9.5). Any other status may come from a server that answers while it
-            # reads (full duplex): the body goes on until the response is released.
-            conn.keep_alive = False
+            # The upstream answered before it had the whole body: the connection cannot be reused (the
+            # state says so), but the answer is still the answer. An error (413, 401) says it does not want
+            # the rest: stop sending (RFC 9112 §9.5). Any other status may come from a server that answers
+            # while it reads (full duplex): the body goes on until the response is released.
             if conn.status >= 400:
                 sender.cancel()
                 sender = None
         return Exchange(self, conn, timer, sender)
-
-    def _expire(self, conn: Connection) -> None:
-        conn._fail(TimeoutError("upstream.timeout_s elapsed"))
-        conn._abort()
 
     # --- the pool --------------------------------------------------------------------------------
 
@@ -469,7 +574,7 @@ class Pool:
         """The most recently used idle connection that is still good, or None."""
         if self._closed:
             return None
-        now = time.monotonic()
+        now = self._clock()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.used_at < conn.idle_limit:
@@ -513,7 +618,7 @@ class Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop),
+                    lambda: Connection(loop, self._clock),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -534,7 +639,8 @@ class Pool:
     def release(self, conn: Connection) -> None:
         conn.active = False
         if conn.reusable() and not self._closed:
-            conn.used_at = time.monotonic()
+            conn.state.next_cycle()
+            conn.used_at = self._clock()
             self._idle.append(conn)
             self._wake_one()
         else:
@@ -545,11 +651,12 @@ class Pool:
         if conn.closed or self._closed:
             self._discard(conn)
             return
-        conn.used_at = time.monotonic()
+        conn.used_at = self._clock()
         self._idle.append(conn)
         self._wake_one()
 
     def _discard(self, conn: Connection) -> None:
+        conn.active = False
         conn._abort()
         self._open -= 1
         self._wake_one()
@@ -572,10 +679,16 @@ class Pool:
                 waiter.set_result(None)
 
 
-async def _send_stream(conn: Connection, body: StreamReader, chunked: bool) -> None:
-    """Copy a client's request body to the upstream, with backpressure both ways."""
+async def _send_stream(conn: Connection, body: BodyStream, framing: Framing) -> None:
+    """Copy a client's request body to the upstream as ``framing`` says, with backpressure both ways.
+
+    A Content-Length body is sent exactly: a client stream that ends short, or runs past it, fails
+    the exchange (the connection is closed; the upstream never reads a byte of one request as another).
+    """
     transport = conn.transport
     assert transport is not None
+    chunked = framing.body is Body.CHUNKED
+    due = framing.length if framing.body is Body.LENGTH else -1
     while True:
         chunk = await body.readany()
         if not chunk:
@@ -585,10 +698,16 @@ async def _send_stream(conn: Connection, body: StreamReader, chunked: bool) -> N
         if chunked:
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
+            if len(chunk) > due:
+                raise ConnectionResetError("the request body ran past its Content-Length")
+            due -= len(chunk)
             transport.write(chunk)
+        conn.moved_at = conn._loop.time()
         await conn.drain()
     if chunked:
         transport.write(b"0\r\n\r\n")
+    elif due != 0:
+        raise ConnectionResetError("the request body ended before its Content-Length")
 
 
 def _idle_limit(keep_alive: bytes) -> float:

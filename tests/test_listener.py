@@ -20,7 +20,7 @@ from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from proxy.cli import serve
 from proxy.listener import MAX_HEAD_LINE, LimitedSite, _JsonErrors
 from proxy.observability import Metrics, setup_logging
-from tests.fakes.servers import keycloak_config, start_api, start_idp
+from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
 from tests.faults.conftest import wait_for
 
 HEALTHY = b"GET /-/healthy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -238,3 +238,38 @@ async def test_the_aiohttp_internals_the_listener_relies_on_are_still_there():
         assert isinstance(site._server, asyncio.AbstractServer), f"{where}: web.BaseSite._server is not the server"
     finally:
         await runner.cleanup()
+
+
+ENCODED_CONTROL_PATHS = [b"/a%0Ab.txt", b"/a%0Db", b"/a%00b", b"/dir%0A/x%0D%0A?q=%0A", b"/-/healthy%0A"]
+
+
+async def test_paths_with_encoded_control_characters_are_forwarded_byte_for_byte(
+    aiohttp_server, aiohttp_raw_server, aiohttp_client
+):
+    """An encoded newline, carriage return or NUL in the path does not fall out of the catch-all route into
+    aiohttp's plain-text 404: the request is forwarded, its raw path and query intact; /-/ paths still route."""
+    seen: list[str] = []
+
+    async def upstream(request: web.BaseRequest) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"raw_path": request.raw_path})
+
+    up = await aiohttp_raw_server(upstream)
+    idp = await start_idp(aiohttp_server)
+    proxy = await start_proxy(aiohttp_client, keycloak_config(idp, str(up.make_url("")).rstrip("/")))
+    port = proxy.server.port
+    assert port is not None
+    for path in ENCODED_CONTROL_PATHS:
+        status, headers, body, _ = await _until_closed(
+            port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path
+        )
+        assert (status, headers["content-type"]) == (200, "application/json; charset=utf-8"), (path, body)
+        assert json.loads(body) == {"raw_path": path.decode()}
+    assert seen == [path.decode() for path in ENCODED_CONTROL_PATHS]
+
+    for reserved in (b"/-/healthy", b"/-/ready", b"/-/status", b"/-/metrics"):
+        status, _, body, _ = await _until_closed(
+            port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % reserved
+        )
+        assert status in (200, 503), (reserved, body)  # /-/ready is 503 until the first login lands
+    assert len(seen) == len(ENCODED_CONTROL_PATHS)  # none of the /-/ paths went upstream

@@ -1,0 +1,86 @@
+"""The relayed response: the upstream's head bytes as they came, framed for this client.
+
+aiohttp's ``StreamResponse`` builds its head from a dict of ``str``: it re-encodes header values as
+UTF-8 (a latin-1 ``Content-Disposition`` filename arrives corrupted), and adds ``Content-Type``,
+``Date`` and ``Server`` where the upstream sent none. :class:`RelayResponse` keeps aiohttp's
+writer, flow control and keep-alive handling, and replaces only the two steps that make the head:
+the head it writes is the upstream's filtered raw header lines, plus the framing this client can
+read:
+
+- a body known whole: ``Content-Length`` (one write for head and body);
+- a Content-Length body: that length, and not one byte more is written;
+- a chunked or close-delimited body: re-chunked for an HTTP/1.1 client; for an HTTP/1.0 client,
+  which cannot read chunked, ``Connection: close`` and the body delimited by closing;
+- no body (HEAD, 204, 304): none is ever written, whatever the upstream sent.
+
+This is the one module that overrides aiohttp's response internals (``_prepare_headers``,
+``_write_headers``, ``_req``, ``_payload_writer``, ``_must_be_empty_body``);
+tests/test_response.py fails by name when an aiohttp release changes them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.http_writer import HttpVersion11
+
+from .wire import Body, Framing
+
+# The StreamResponse attributes and methods this module relies on (checked by tests/test_response.py).
+AIOHTTP_INTERNALS = ("_prepare_headers", "_write_headers", "_req", "_payload_writer", "_must_be_empty_body")
+
+
+class RelayResponse(web.StreamResponse):
+    """A response whose head is ``lines`` (raw ``Name: value\\r\\n`` lines, already filtered) and whose
+    body is framed by ``framing`` (the upstream's), or is ``whole`` when it has all arrived."""
+
+    def __init__(self, status: int, reason: bytes, lines: bytes, framing: Framing, whole: bytes | None = None) -> None:
+        super().__init__(status=status, reason=reason.decode("latin-1") or None)
+        self._raw_reason = reason
+        self._lines = lines
+        self._framing = framing
+        self._whole = whole
+        self._head = b""
+        self._chunk = False  # decided in _prepare_headers: re-chunk the body for this client
+
+    async def _prepare_headers(self) -> None:
+        request = self._req
+        assert request is not None
+        client_11 = request.version >= HttpVersion11
+        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
+        parts = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._raw_reason), self._lines]
+        framing, whole = self._framing, self._whole
+        if self._must_be_empty_body:
+            pass  # the upstream's Content-Length, if any, is among the lines: it describes a GET's body
+        elif whole is not None:
+            parts.append(b"Content-Length: %d\r\n" % len(whole))
+        elif framing.body is Body.LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % framing.length)
+        elif client_11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self._chunk = True
+        else:
+            keep_alive = False  # an HTTP/1.0 client reads this body until the connection closes
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not client_11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._keep_alive = keep_alive
+        self._head = b"".join(parts)
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None
+        if self._whole is not None and not self._must_be_empty_body:
+            await writer.write(self._head + self._whole)
+            writer.length = 0
+            return
+        await writer.write(self._head)
+        # From here on, aiohttp's writer frames what the relay writes: never past the length, never a
+        # byte for a response that has no body, chunk-encoded where the head said so.
+        if self._must_be_empty_body:
+            writer.length = 0
+        elif self._framing.body is Body.LENGTH:
+            writer.length = self._framing.length
+        elif self._chunk:
+            writer.enable_chunking()
