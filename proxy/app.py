@@ -62,7 +62,9 @@ def make_app(config: Config, **manager_options: Any) -> web.Application:
         ("metrics", _metrics),
     ):
         app.router.add_route("*", f"/-/{name}", _reserved(handler, private=name in ("status", "metrics")))
-    app.router.add_route("*", "/{tail:.*}", _forward)
+    # Every other path is forwarded. aiohttp matches the decoded path, and "." does not match a newline:
+    # with "/{tail:.*}", /a%0Ab got aiohttp's plain-text 404. The raw path still goes upstream as sent.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _forward)
     return app
 
 

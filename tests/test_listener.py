@@ -240,14 +240,19 @@ async def test_the_aiohttp_internals_the_listener_relies_on_are_still_there():
         await runner.cleanup()
 
 
-ENCODED_CONTROL_PATHS = [b"/a%0Ab.txt", b"/a%0Db", b"/a%00b", b"/dir%0A/x%0D%0A?q=%0A", b"/-/healthy%0A"]
+ENCODED_CONTROL_PATHS = [b"/a%0Ab.txt", b"/a%0Db", b"/dir%0A/x%0D%0A?q=%0A", b"/-/healthy%0A", b"/%0A"]
+
+
+def _get(path: bytes) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path
 
 
 async def test_paths_with_encoded_control_characters_are_forwarded_byte_for_byte(
     aiohttp_server, aiohttp_raw_server, aiohttp_client
 ):
-    """An encoded newline, carriage return or NUL in the path does not fall out of the catch-all route into
-    aiohttp's plain-text 404: the request is forwarded, its raw path and query intact; /-/ paths still route."""
+    """An encoded newline or carriage return in the path does not fall out of the catch-all route into
+    aiohttp's plain-text 404: the request is forwarded, its raw path and query intact. An encoded NUL reaches
+    the forwarder too, which refuses it with the contract's JSON 400; /-/ paths still route to the proxy."""
     seen: list[str] = []
 
     async def upstream(request: web.BaseRequest) -> web.Response:
@@ -260,16 +265,17 @@ async def test_paths_with_encoded_control_characters_are_forwarded_byte_for_byte
     port = proxy.server.port
     assert port is not None
     for path in ENCODED_CONTROL_PATHS:
-        status, headers, body, _ = await _until_closed(
-            port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path
-        )
+        status, headers, body, _ = await _until_closed(port, _get(path))
         assert (status, headers["content-type"]) == (200, "application/json; charset=utf-8"), (path, body)
         assert json.loads(body) == {"raw_path": path.decode()}
     assert seen == [path.decode() for path in ENCODED_CONTROL_PATHS]
 
+    # proxy/access.py refuses a path that decodes to a NUL byte (Guard.check_forward), by design.
+    status, _, body, _ = await _until_closed(port, _get(b"/a%00b"))
+    assert (status, json.loads(body)) == (400, {"error": "bad_request", "detail": "the path contains a NUL byte"})
+
     for reserved in (b"/-/healthy", b"/-/ready", b"/-/status", b"/-/metrics"):
-        status, _, body, _ = await _until_closed(
-            port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % reserved
-        )
+        status, _, body, _ = await _until_closed(port, _get(reserved))
         assert status in (200, 503), (reserved, body)  # /-/ready is 503 until the first login lands
-    assert len(seen) == len(ENCODED_CONTROL_PATHS)  # none of the /-/ paths went upstream
+        assert not body.startswith(b'{"raw_path"'), reserved
+    assert len(seen) == len(ENCODED_CONTROL_PATHS)  # none of the others went upstream
