@@ -62,7 +62,7 @@ def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> 
     """The JSON body of an error the proxy makes itself: ``{"error": ..., "detail": ...}``."""
     response = web.json_response({"error": exc.code, "detail": exc.detail}, status=exc.status, headers=headers)
     if isinstance(exc, RequestTimeout):
-        response.force_close()  # the rest of a trickling body is not waited for
+        response.force_close()  # Connection: close; the rest of a trickling body is not waited for
     return response
 
 
@@ -192,6 +192,14 @@ class Forwarder:
             response = error_response(exc, headers)
             progress.status = exc.status
             progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
+            if isinstance(exc, RequestTimeout) and request.transport is not None:
+                # Answer, then end our side at once, so the client reads the answer and its end; aiohttp then
+                # drains what is still arriving for at most its lingering time and closes. (Closing outright
+                # with unread bytes queued would make the kernel send a reset that can destroy the answer.)
+                await response.prepare(request)
+                await response.write_eof()
+                if request.transport.can_write_eof():
+                    request.transport.write_eof()
             return response
         except asyncio.CancelledError:
             progress.outcome = progress.outcome or "client_gone"  # the client hung up: aiohttp cancelled us
