@@ -57,6 +57,7 @@ class Load:
     p50_us: float
     p99_us: float
     errors: int = 0
+    cpu_us: float | None = None  # the target process's CPU time (user + system) per request, from /proc
 
 
 @dataclass
@@ -89,9 +90,11 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
         out = log.open("wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -236,7 +239,27 @@ _WRK_ERRORS = re.compile(
 _UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 
-def load(port: int, path: str, connections: int, duration_s: float) -> Load:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and of its live children (nginx's worker, taskset's child), from /proc."""
+    total = 0
+    for p in [str(pid), *_children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def load(port: int, path: str, connections: int, duration_s: float, pid: int | None = None) -> Load:
+    """One load run; with ``pid``, also the target's CPU time per request (throughput on a shared VM
+    drifts by tens of percent, CPU per request much less)."""
+    before = cpu_seconds(pid) if pid is not None and Path(f"/proc/{pid}/stat").exists() else None
+    result = _load(port, path, connections, duration_s)
+    if before is not None and pid is not None and result.rps > 0:
+        result.cpu_us = (cpu_seconds(pid) - before) / (result.rps * duration_s) * 1e6
+    return result
+
+
+def _load(port: int, path: str, connections: int, duration_s: float) -> Load:
     url = f"http://127.0.0.1:{port}{path}"
     if shutil.which("wrk"):
         out = subprocess.run(
@@ -323,6 +346,7 @@ def token_counters(port: int) -> dict[str, int]:
 @contextlib.contextmanager
 def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
     procs = Processes()
+    cleanup: list[list[str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="oauth-sidecar-bench-"))
     tmp.chmod(0o755)  # nginx's workers run as another user when started as root
     try:
@@ -353,10 +377,19 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             wait_http(f"http://127.0.0.1:{port}/small")
             targets["nginx"] = Target("nginx", port, proc.pid)
 
-        for name, lifetime, access in (
-            ("sidecar", STEADY_LIFETIME_S, args.access_log),
-            ("sidecar_refreshing", REFRESH_LIFETIME_S, args.access_log),
-        ):
+        sidecars = [
+            ("sidecar", STEADY_LIFETIME_S, args.access_log, env),
+            ("sidecar_refreshing", REFRESH_LIFETIME_S, args.access_log, env),
+        ]
+        if args.baseline:
+            # The same sidecar at another commit, in the same run: what a change costs, as a ratio.
+            tree = tmp / "baseline"
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True
+            )
+            cleanup.append(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
+            sidecars.append(("sidecar_baseline", STEADY_LIFETIME_S, args.access_log, {**env, "PYTHONPATH": str(tree)}))
+        for name, lifetime, access, side_env in sidecars:
             idp_port = free_port()
             procs.start(
                 pinned(1, [python, "-m", "bench.servers", "idp", str(idp_port), str(lifetime), str(IDP_DELAY_S)]),
@@ -365,7 +398,8 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             )
             port = free_port()
             conf = sidecar_conf(tmp, name, port, up_port, idp_port, access)
-            proc = procs.start(pinned(0, [python, "-m", "proxy", "--config", str(conf)]), tmp / f"{name}.log", env)
+            argv = pinned(0, [python, "-m", "proxy", "--config", str(conf)])
+            proc = procs.start(argv, tmp / f"{name}.log", side_env, cwd=Path(side_env["PYTHONPATH"]))
             wait_http(f"http://127.0.0.1:{port}/-/ready")
             targets[name] = Target(name, port, proc.pid)
 
@@ -385,6 +419,8 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
         yield {"targets": targets, "upstream": upstream_kind, "tmp": tmp, "nginx": bool(nginx)}
     finally:
         procs.stop_all()
+        for argv in cleanup:
+            subprocess.run(argv, check=False, capture_output=True)
         if args.keep:
             print(f"bench: logs kept in {tmp}")
         else:
@@ -392,11 +428,13 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
 
 
 def median_load(runs: list[Load]) -> Load:
+    cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
     return Load(
         statistics.median(r.rps for r in runs),
         statistics.median(r.p50_us for r in runs),
         statistics.median(r.p99_us for r in runs),
         sum(r.errors for r in runs),
+        statistics.median(cpu) if cpu else None,
     )
 
 
@@ -417,8 +455,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             load(t.port, "/small", 8, 1.0)  # warm up: connections, caches
         for round_no in range(args.rounds):
             for t in targets.values():
-                c1[t.name].append(load(t.port, "/small", 1, d))
-                c64[t.name].append(load(t.port, "/small", 64, d))
+                c1[t.name].append(load(t.port, "/small", 1, d, t.pid))
+                c64[t.name].append(load(t.port, "/small", 64, d, t.pid))
                 if t.name in STREAMED:
                     streams[t.name].append(BIG_BYTES / 1e6 / download(t.port))
                 if t.name in SAME_CORE and t.pid is not None:
@@ -464,6 +502,12 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         "c64_rps_sidecar_over_minimal_proxy": side["c64"]["rps"] / t["minimal_proxy"]["c64"]["rps"],
         "added_p50_us_over_direct_c1_same_core": side["extra"]["c1_p50_us_same_core"] - direct["c1"]["p50_us"],
     }
+    for name in ("sidecar_baseline", "minimal_proxy", "nginx"):  # CPU per request: this run's sidecar over each
+        other = t.get(name)  # type: ignore[union-attr]
+        if other is not None and other["c64"].get("cpu_us") and side["c64"].get("cpu_us"):
+            out[f"c64_cpu_per_request_sidecar_over_{name}"] = side["c64"]["cpu_us"] / other["c64"]["cpu_us"]
+    if t.get("sidecar_baseline") is not None:  # type: ignore[union-attr]
+        out["c64_rps_sidecar_over_baseline"] = side["c64"]["rps"] / t["sidecar_baseline"]["c64"]["rps"]
     if ngx is not None:
         out["c64_rps_sidecar_over_nginx"] = side["c64"]["rps"] / ngx["c64"]["rps"]
         out["c1_rps_sidecar_over_nginx"] = side["c1"]["rps"] / ngx["c1"]["rps"]
@@ -491,15 +535,16 @@ def report(results: dict[str, object], r: dict[str, float]) -> str:
         f"upstream: {results['upstream']}, load: {results['load_generator']}, {results['duration_s']}s per run, "
         f"median of {results['rounds']} interleaved rounds",
         "",
-        "| target | c=1 req/s | c=1 p50 | c=1 p99 | c=64 req/s | c=64 p50 | c=64 p99 | 100 MiB stream |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | c=1 req/s | c=1 p50 | c=1 p99 | c=64 req/s | c=64 p50 | c=64 p99 | c=64 CPU/req | 100 MiB stream |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in results["targets"].items():  # type: ignore[attr-defined]
         c1, c64 = t["c1"], t["c64"]
         stream = f"{t['stream_mb_s']:,.0f} MB/s" if t["stream_mb_s"] else "–"
+        cpu = f"{c64['cpu_us']:,.0f} µs" if c64.get("cpu_us") is not None else "–"
         lines.append(
             f"| {name} | {c1['rps']:,.0f} | {c1['p50_us']:,.0f} µs | {c1['p99_us']:,.0f} µs | {c64['rps']:,.0f} "
-            f"| {c64['p50_us']:,.0f} µs | {c64['p99_us']:,.0f} µs | {stream} |"
+            f"| {c64['p50_us']:,.0f} µs | {c64['p99_us']:,.0f} µs | {cpu} | {stream} |"
         )
     lines.append("")
     for name, t in results["targets"].items():  # type: ignore[attr-defined]
@@ -529,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-log", action="store_true", help="keep the sidecar's access log on (default off)")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the sidecar at this git commit (a worktree) as sidecar_baseline, to compare in one run",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 2.0, 1

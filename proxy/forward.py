@@ -32,7 +32,7 @@ from .response import RelayResponse
 from .state import Token
 from .tokens import TokenManager
 from .upstream import BodyInterrupted, Exchange, Pool
-from .wire import NO_BODY, Body, Framing, WireError, request_framing
+from .wire import Body, Framing, WireError, request_framing
 
 # RFC 9110 §7.6.1, plus the legacy Proxy-Connection.
 HOP_BY_HOP = frozenset(
@@ -335,7 +335,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         status = upstream.status
         framing = upstream.framing
-        bodiless = framing is NO_BODY and status != 204  # HEAD and 304: their Content-Length passes through
+        bodiless = framing.body is Body.NONE and status != 204  # HEAD and 304: their Content-Length passes through
         drop = self._drop_bodiless if bodiless else self._drop_response
         connection: list[bytes] = []
         kept = []

@@ -1,24 +1,31 @@
 """The upstream client: keep-alive HTTP/1.1 connections on asyncio transports, parsed by httptools.
 
-Why not aiohttp's ClientSession: profiled under load (bench/), about three quarters of the proxy's
-CPU per request went to the client side (request objects, header re-encoding, timers, a task and
-several futures per request). A reverse proxy to one origin needs much less: a pool of keep-alive
-connections, the request head written as bytes the client sent (never decoded and re-encoded), the
-response parsed by llhttp (httptools) straight into a list of raw headers and body chunks, flow
-control both ways, and one deadline per request.
+Why not aiohttp's ClientSession: profiled under load (bench/), most of the proxy's CPU per request
+went to the client side (request objects, header re-encoding, timers, a task and several futures per
+request). A reverse proxy to one origin needs much less: a pool of keep-alive connections, the
+request head written as bytes the client sent (never decoded and re-encoded), the response parsed
+by llhttp (httptools) straight into a list of raw headers and body chunks, flow control both ways.
 
 Theory of operation: a :class:`Connection` is an ``asyncio.Protocol`` that carries one exchange at
-a time. :meth:`Pool.request` takes an idle connection (or opens one, at most ``limit``; beyond that
-it waits, bounded by the request's deadline), writes the head and the body, and returns an
-:class:`Exchange` once the response head has arrived. Body chunks collect in the protocol; the
-transport stops reading when more than ``HIGH_WATER`` bytes wait, and resumes when the reader has
-taken them, so a slow client slows the upstream instead of filling memory. A connection goes back
-to the pool only when its response was read to the end and both sides allow keep-alive.
+a time; what the exchange may do next is its :class:`~proxy.wire.ExchangeState` (proxy/wire.py, no
+I/O), which this module moves from what the transport and llhttp report. :meth:`Pool.request`
+takes an idle connection (or opens one, at most ``limit``; beyond that it waits, bounded by
+``timeout_s``), writes the head and the body by the framing its caller decided, and returns an
+:class:`Exchange` once the final response head has arrived. Body chunks collect in the protocol;
+the transport stops reading when more than ``HIGH_WATER`` bytes wait, and resumes when the reader
+has taken them, so a slow client slows the upstream instead of filling memory. Each exchange has a
+fresh llhttp parser; bytes past the end of a response are never parsed or relayed and close the
+connection. A connection goes back to the pool only when both directions are done and both sides
+allow keep-alive (``ExchangeState.reusable``).
+
+``timeout_s`` counts time with no byte moving in either direction (:class:`_Idle`): a response head
+that does not come is a 504, a body that stops is cut, a body that keeps moving is never cut.
 
 Errors leave as the proxy's own: :class:`UpstreamUnreachable` (connect, TLS, a reset before the
-response head), :class:`UpstreamTimeout` (connect timeout, or the whole-request deadline before
-the head), and :class:`BodyInterrupted` from :meth:`Exchange.read` when the upstream fails
-mid-body (the caller must then cut its client's connection, never present a short body as whole).
+response head, a response that cannot be delimited), :class:`UpstreamTimeout` (connect timeout,
+or ``timeout_s`` before the head), and :class:`BodyInterrupted` from :meth:`Exchange.read` when the
+upstream fails mid-body (the caller must then cut its client's connection, never present a short
+body as whole).
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ HeaderList = list[tuple[bytes, bytes]]
 # limit of its own, and every byte of it would be held in memory and copied to the client.
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
+# 1xx responses skipped before the final one (103 Early Hints, 100 Continue): an upstream sending them
+# without end would otherwise hold the request, its bytes "moving", for good.
+MAX_INFORMATIONAL = 16
 # A request lost on a reused connection is sent again only when repeating it is harmless (RFC 9110
 # §9.2.2): the upstream may have read a POST and acted on it before closing without an answer.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -105,6 +115,7 @@ class Connection(asyncio.Protocol):
         self.reason = b""
         self.headers: HeaderList = []
         self.head_bytes = 0
+        self.informational = 0
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.remaining = 0  # body bytes still due, when framed by Content-Length
@@ -232,6 +243,12 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
             state.informational()
             self.headers, self.reason, self.head_bytes = [], b"", 0
+            self.informational += 1
+            if self.informational > MAX_INFORMATIONAL:
+                self.error = ConnectionError(
+                    f"the upstream sent over {MAX_INFORMATIONAL} informational (1xx) responses"
+                )
+                raise ValueError("too many 1xx responses")  # stops llhttp; _feed fails the exchange
             return
         content_length = transfer_encoding = None
         idle_limit = KEEPALIVE_S

@@ -362,3 +362,15 @@ async def test_a_download_the_client_abandons_is_logged_with_what_was_sent(
     assert line.fields["status"] == 200
     assert line.fields["bytes"] >= 200_000
     assert line.fields["outcome"] == "client_gone"
+
+
+async def test_an_endless_run_of_1xx_responses_is_a_502(aiohttp_server, aiohttp_client):
+    """An upstream that sends 100 Continue without end cannot hold the request open for good."""
+    upstream = Recorder(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 40 + _ok())
+    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, body = await _response(reader)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 502 ") and b"informational" in body
+    await upstream.stop()
