@@ -106,11 +106,17 @@ class Connection(asyncio.Protocol):
         self.moved_at = 0.0  # the loop's clock, when a byte last moved either way (upstream.timeout_s)
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
+        self._parser_dirty = True
         self._reset("GET")
 
     def _reset(self, method: str) -> None:
         self._method = method
-        self._parser = httptools.HttpResponseParser(self)  # a fresh one per exchange: nothing carries over
+        if self._parser_dirty:
+            # The last response ended where llhttp could not see it (a Content-Length body taken past it, a
+            # HEAD's head): it would read the next response as that body. Else llhttp ended the message
+            # itself and is clean for the next one, as it is designed to be on a keep-alive connection.
+            self._parser = httptools.HttpResponseParser(self)
+            self._parser_dirty = False
         self.status = 0
         self.reason = b""
         self.headers: HeaderList = []
@@ -154,6 +160,7 @@ class Connection(asyncio.Protocol):
             return
         # The rest of a Content-Length body: llhttp would only count it, and httptools would copy every
         # chunk into new bytes on the way; take it as it came (a copy less per 256 KiB while streaming).
+        self._parser_dirty = True  # this body goes past llhttp, which still expects it
         remaining = self.remaining
         extra = len(data) > remaining
         if extra:
@@ -266,6 +273,8 @@ class Connection(asyncio.Protocol):
         state.response_head(framing, keep_alive=self._parser.should_keep_alive())
         if framing.body is Body.LENGTH:
             self.remaining = framing.length
+        if self._method == "HEAD":
+            self._parser_dirty = True  # llhttp would wait for the body its Content-Length announces
         self._wake()
 
     def on_body(self, body: bytes) -> None:
