@@ -23,7 +23,7 @@ from .config import Config, config_from_mapping, is_loopback_host, load_config, 
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
-from .listener import LimitedSite
+from .listener import LimitedSite, connection_cap, raise_open_files_limit
 from .observability import event, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -112,6 +112,9 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     log_startup(config)
+    # Before listening: as many open files as allowed, and a connection cap that fits in them.
+    open_files = raise_open_files_limit()
+    limit = connection_cap(config.listen.max_connections, config.upstream.pool_size, open_files)
     runner = web.AppRunner(
         make_app(config),
         access_log=None,  # we log requests ourselves, without query strings
@@ -127,8 +130,9 @@ async def serve(
             runner,
             config.listen.host,
             config.listen.port,
-            limit=config.listen.max_connections,
+            limit=limit,
             metrics=runner.app[METRICS],
+            backlog=config.listen.max_connections,  # a queued connection holds no descriptor of ours
         )
         await site.start()
     except OSError as exc:

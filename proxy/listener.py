@@ -15,13 +15,24 @@ and pyproject.toml's aiohttp range is the one that test passed on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import http_exceptions, web
 
 from .observability import Metrics, event
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 MAX_HEAD_LINE = 16384  # bytes in the request line or one header field; aiohttp's default is 8190
 
@@ -30,6 +41,57 @@ MAX_HEAD_LINE = 16384  # bytes in the request line or one header field; aiohttp'
 BUSY_READ_LIMIT = 16384
 BUSY_READ_TIMEOUT_S = 2.0
 BUSY_LOG_INTERVAL_S = 10.0
+# At most this many refused connections wait for their request head at once; beyond it, a refused
+# connection is answered and closed at once (it may see a reset instead of the 503), so that a flood of
+# silent connections cannot hold more than this many file descriptors.
+BUSY_MAX_WAITING = 32
+
+# File descriptors kept free beyond listen.max_connections client connections and upstream.pool_size
+# upstream ones: the listening sockets (and the dup kept for answering when out of files), the spare
+# descriptor below, the event loop's own (epoll, self-pipe), stdio, the identity provider's pool
+# (app.IDP_POOL_SIZE), CA bundles and DNS lookups, and up to BUSY_MAX_WAITING refused connections.
+FD_RESERVE = 64
+# How often, at most, failed accepts (out of open files or memory) are logged: one line with a count.
+ACCEPT_LOG_INTERVAL_S = 5.0
+# Out of open files, the listener stops accepting for this long (asyncio's own pause is 1 s), after
+# answering the pending connections 503, at most ACCEPT_ANSWER_MAX of them each time.
+ACCEPT_RETRY_DELAY_S = 0.25
+ACCEPT_ANSWER_MAX = 256
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, best effort; the soft limit now in force, or None
+    where there is none to know (no ``resource`` module, or unlimited)."""
+    if resource is None:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        # macOS refuses an unlimited or too large soft limit (kern.maxfilesperproc); the old one stays.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(max_connections: int, pool_size: int, open_files: int | None) -> int:
+    """listen.max_connections, lowered so that it, the upstream pool and FD_RESERVE fit in ``open_files``
+    (logged once as ``sidecar.fd_limit`` when lowered). Never below 1."""
+    if open_files is None or max_connections + pool_size + FD_RESERVE <= open_files:
+        return max_connections
+    cap = max(1, open_files - pool_size - FD_RESERVE)
+    event(
+        "sidecar.fd_limit",
+        level=logging.WARNING,
+        open_files=open_files,
+        max_connections=max_connections,
+        pool_size=pool_size,
+        reserve=FD_RESERVE,
+        connections=cap,
+        detail="listen.max_connections + upstream.pool_size + a reserve exceed the open-file limit (ulimit -n); "
+        "client connections beyond the lowered cap get 503",
+    )
+    return cap
 
 
 class LimitedSite(web.BaseSite):
@@ -39,13 +101,30 @@ class LimitedSite(web.BaseSite):
     socket and a handler. Over the limit, a new connection gets ``503`` (JSON, ``Retry-After: 1``)
     and is closed, and ``sidecar.busy`` is logged at most every ``BUSY_LOG_INTERVAL_S``. Under it,
     each connection gets a :class:`_JsonErrors` handler.
+
+    Out of open files anyway, asyncio's own accept loop logs a traceback for every failed ``accept()``,
+    up to ``backlog`` of them each time it retries, and leaves the clients waiting. On asyncio's selector
+    loop this site accepts by itself (:class:`_Acceptor`): it answers the pending connections 503 on a
+    spare descriptor, pauses, and logs ``sidecar.accept_failed`` at most every ``ACCEPT_LOG_INTERVAL_S``.
+    On uvloop, libuv does the same with its own spare descriptor (answering nothing, logging nothing).
     """
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int, metrics: Metrics) -> None:
-        super().__init__(runner, backlog=min(limit, 4096))
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        metrics: Metrics,
+        backlog: int | None = None,
+    ) -> None:
+        super().__init__(runner, backlog=min(limit if backlog is None else backlog, 4096))
         self._host, self._port, self._limit, self._metrics = host, port, limit, metrics
         self._refused_since_log = 0
         self._logged_at = -BUSY_LOG_INTERVAL_S
+        self._waiting = 0  # refused connections waiting for their request head
+        self._acceptor: _Acceptor | None = None
 
     @property
     def name(self) -> str:
@@ -63,11 +142,31 @@ class LimitedSite(web.BaseSite):
                 # retry without handler_args after a TypeError: ours are fixed in make_app and serve().
                 return _JsonErrors(handlers, loop=handlers._loop, **handlers._kwargs)
             self._refused(loop.time())
-            return _Busy(loop)
+            wait = self._waiting < BUSY_MAX_WAITING
+            self._waiting += wait
+            return _Busy(loop, self._busy_done, wait=wait)
 
-        self._server = await loop.create_server(
-            protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+        own_accept = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+        self._server = server = await loop.create_server(
+            protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+            start_serving=not own_accept,
         )
+        if own_accept:
+            self._acceptor = _Acceptor(loop, protocol, self._backlog, self._metrics)
+            self._acceptor.start(server.sockets)
+
+    async def stop(self) -> None:
+        await super().stop()  # closes the listening sockets (and removes the acceptor's readers)
+        if self._acceptor is not None:
+            self._acceptor.close()
+
+    def _busy_done(self, waited: bool) -> None:
+        if waited:
+            self._waiting -= 1
 
     def _refused(self, now: float) -> None:
         self._metrics.connections_refused.inc()
@@ -81,6 +180,136 @@ class LimitedSite(web.BaseSite):
                 detail="listen.max_connections client connections are open; new ones get 503",
             )
             self._logged_at, self._refused_since_log = now, 0
+
+
+class _Acceptor:
+    """Accepts connections for asyncio's selector loop, as its ``_accept_connection`` does, except when out
+    of open files (or memory): then the pending connections are answered 503 and closed on a spare
+    descriptor, accepting pauses for ``ACCEPT_RETRY_DELAY_S``, and one ``sidecar.accept_failed`` line (with
+    counts) is logged at most every ``ACCEPT_LOG_INTERVAL_S``. The server's ``close()`` removes its readers."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol: Callable[[], asyncio.BaseProtocol],
+        backlog: int,
+        metrics: Metrics,
+    ) -> None:
+        self._loop, self._protocol, self._backlog, self._metrics = loop, protocol, backlog, metrics
+        self._sockets: list[socket.socket] = []  # our dups of the server's listening sockets
+        self._spare: int | None = None
+        self._closed = False
+        self._failed = self._answered = 0
+        self._errors: set[str] = set()
+        self._logged_at = -ACCEPT_LOG_INTERVAL_S
+        self._flush: asyncio.TimerHandle | None = None
+
+    def start(self, listening: Sequence[Any]) -> None:
+        self._spare = _open_spare()
+        for server_socket in listening:
+            fd = server_socket.fileno()
+            sock = socket.fromfd(fd, server_socket.family, server_socket.type)
+            sock.setblocking(False)
+            sock.listen(self._backlog)  # start_serving=False: the server has not called listen()
+            self._sockets.append(sock)
+            # On the server's descriptor, so that the server's close() removes it.
+            self._loop.add_reader(fd, self._ready, fd, sock)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._flush is not None:
+            self._flush.cancel()
+            self._log()
+        for sock in self._sockets:
+            sock.close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    def _ready(self, fd: int, sock: socket.socket) -> None:
+        for _ in range(self._backlog):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the loop logs it, as it does from its own accept loop
+                self._out_of_resources(fd, sock, exc)
+                return
+            conn.setblocking(False)
+            self._loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._protocol, conn)
+        except OSError:  # the client is already gone
+            conn.close()
+
+    def _out_of_resources(self, fd: int, sock: socket.socket, exc: OSError) -> None:
+        self._loop.remove_reader(fd)
+        self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, fd, sock)
+        self._failed += 1
+        self._errors.add(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+        self._answered += self._answer_pending(sock)
+        if self._loop.time() - self._logged_at >= ACCEPT_LOG_INTERVAL_S:
+            self._log()
+        elif self._flush is None:  # the count since the last line is logged when the interval is up
+            self._flush = self._loop.call_at(self._logged_at + ACCEPT_LOG_INTERVAL_S, self._log)
+
+    def _resume(self, fd: int, sock: socket.socket) -> None:
+        if not self._closed:
+            self._loop.add_reader(fd, self._ready, fd, sock)
+
+    def _answer_pending(self, sock: socket.socket) -> int:
+        """Answer the connections waiting in the listen queue 503 on the spare descriptor, and close them."""
+        if self._spare is None:
+            self._spare = _open_spare()
+            return 0
+        os.close(self._spare)
+        self._spare = None
+        answered = 0
+        try:
+            for _ in range(ACCEPT_ANSWER_MAX):
+                try:
+                    conn, _ = sock.accept()
+                except OSError:  # none left (BlockingIOError), or the freed descriptor went elsewhere
+                    break
+                with conn:
+                    conn.setblocking(False)
+                    with contextlib.suppress(OSError):  # what has arrived, so that closing does not reset
+                        conn.recv(BUSY_READ_LIMIT)
+                    with contextlib.suppress(OSError):
+                        conn.send(_OUT_OF_FILES_RESPONSE)
+                answered += 1
+        finally:
+            self._spare = _open_spare()
+        self._metrics.connections_refused.inc(answered)
+        return answered
+
+    def _log(self) -> None:
+        self._flush = None
+        if not self._failed:
+            return
+        event(
+            "sidecar.accept_failed",
+            level=logging.WARNING,
+            error=",".join(sorted(self._errors)),
+            failed=self._failed,
+            answered=self._answered,
+            detail="out of open files or memory: pending connections are answered 503 and closed; "
+            "see listen.max_connections, upstream.pool_size and ulimit -n",
+        )
+        self._logged_at = self._loop.time()
+        self._failed = self._answered = 0
+        self._errors.clear()
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 # What a client is told when aiohttp's parser refuses its request. Never aiohttp's message or the exception
@@ -132,24 +361,38 @@ class _JsonErrors(web.RequestHandler):
 _BUSY_BODY = json.dumps(
     {"error": "too_many_connections", "detail": "the proxy has listen.max_connections connections open; retry"}
 ).encode()
-_BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
-)
+_OUT_OF_FILES_BODY = json.dumps(
+    {"error": "too_many_connections", "detail": "the proxy is out of open files; retry"}
+).encode()
+
+
+def _503(body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+_BUSY_RESPONSE = _503(_BUSY_BODY)
+_OUT_OF_FILES_RESPONSE = _503(_OUT_OF_FILES_BODY)
 
 
 class _Busy(asyncio.Protocol):
-    """Answers 503 once the request head has arrived (or after a short wait), then closes."""
+    """Answers 503 once the request head has arrived (or after a short wait; at once when not ``wait``),
+    then closes; ``done(wait)`` when the connection is gone."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Callable[[bool], None], *, wait: bool) -> None:
+        self._loop, self._done, self._wait = loop, done, wait
         self._seen = 0
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._timer = self._loop.call_later(BUSY_READ_TIMEOUT_S, self._answer)
+        if self._wait:
+            self._timer = self._loop.call_later(BUSY_READ_TIMEOUT_S, self._answer)
+        else:
+            self._answer()
 
     def data_received(self, data: bytes) -> None:
         self._seen += len(data)
@@ -160,6 +403,7 @@ class _Busy(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._transport = None
+        self._done(self._wait)
 
     def _answer(self) -> None:
         transport, self._transport = self._transport, None
