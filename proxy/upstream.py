@@ -42,7 +42,18 @@ import httptools
 from yarl import URL
 
 from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
-from .wire import NO_BODY, Body, ExchangeState, Framing, Phase, WireError, length, response_framing
+from .wire import (
+    NO_BODY,
+    Body,
+    ExchangeState,
+    Framing,
+    Phase,
+    WireError,
+    head_response_reusable,
+    length,
+    persistent,
+    response_framing,
+)
 
 # Pause reading from the upstream when this many body bytes wait for the client.
 HIGH_WATER = 512 * 1024
@@ -257,7 +268,7 @@ class Connection(asyncio.Protocol):
                 )
                 raise ValueError("too many 1xx responses")  # stops llhttp; _feed fails the exchange
             return
-        content_length = transfer_encoding = None
+        content_length = transfer_encoding = connection = None
         idle_limit = KEEPALIVE_S
         for name, value in self.headers:
             lowered = name.lower()
@@ -267,10 +278,20 @@ class Connection(asyncio.Protocol):
                 transfer_encoding = value if transfer_encoding is None else transfer_encoding + b"," + value
             elif lowered == b"keep-alive":
                 idle_limit = _idle_limit(value)
+            elif lowered == b"connection":
+                connection = value if connection is None else connection + b"," + value
         framing = response_framing(self._method, status, content_length, transfer_encoding)  # WireError: refused
         self.status = status
         self.idle_limit = idle_limit
-        state.response_head(framing, keep_alive=self._parser.should_keep_alive())
+        if framing.body is Body.NONE:
+            # llhttp does not know a HEAD's answer has no body: without a length it expects one read to
+            # the close, and calls that not keep-alive. Here the HTTP version and Connection decide.
+            keep_alive = persistent(self._parser.get_http_version(), connection)
+            if self._method == "HEAD" and not head_response_reusable(content_length, transfer_encoding):
+                keep_alive = False
+        else:
+            keep_alive = self._parser.should_keep_alive()
+        state.response_head(framing, keep_alive=keep_alive)
         if framing.body is Body.LENGTH:
             self.remaining = framing.length
         if self._method == "HEAD":

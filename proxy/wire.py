@@ -131,6 +131,27 @@ def response_framing(
     return UNTIL_CLOSE
 
 
+def head_response_reusable(content_length: bytes | None, transfer_encoding: bytes | None) -> bool:
+    """May a connection be reused after this response to HEAD? Only when its head announces no body.
+
+    A response to HEAD has no body whatever its head says, but servers exist that send one anyway
+    (waitress 3 does when the application returns a body); when those bytes arrive after the
+    connection went back to the pool, the next request would read them as its response. The proxy
+    cannot wait for bytes that should never come, so it does not reuse such a connection."""
+    if transfer_encoding is not None:
+        return False
+    return content_length is None or content_length.strip() in (b"0", b"")
+
+
+def persistent(version: str, connection: bytes | None) -> bool:
+    """Whether a message leaves its connection open (RFC 9112 §9.3): HTTP/1.1 unless ``Connection:
+    close``; HTTP/1.0 only with ``Connection: keep-alive``."""
+    tokens = {token.strip().lower() for token in connection.split(b",")} if connection else set()
+    if version == "1.1":
+        return b"close" not in tokens
+    return version == "1.0" and b"keep-alive" in tokens
+
+
 class Phase(enum.Enum):
     """Where one direction of the current exchange is."""
 
