@@ -142,13 +142,17 @@ class Forwarder:
         self._metrics = metrics
         self._guard = guard
         self._replay_limit = config.upstream.replay_limit_bytes
+        self._stall_s = config.upstream.timeout_s  # a client that takes no body byte for this long is cut
         self._body_window = config.listen.idle_timeout_s
         self._min_body_rate = config.listen.min_body_rate
         self._inject = config.inject.header.encode("ascii")
         injected = config.inject.header.lower()
         # Also its "-"/"_" twin (Access-Token for access_token): CGI-style servers read both as one variable.
         twins = {injected, injected.replace("_", "-"), injected.replace("-", "_")}
-        drop = set(HOP_BY_HOP) | {"host", "authorization", "expect", "content-length"} | twins
+        # The framing headers' "_" spellings too: an upstream that folds "_" into "-" must not find a second
+        # Content-Length or Transfer-Encoding beside the one the proxy wrote.
+        framing_twins = {"content_length", "transfer_encoding"}
+        drop = set(HOP_BY_HOP) | {"host", "authorization", "expect", "content-length"} | twins | framing_twins
         drop.add(REQUEST_ID_HEADER.lower())  # sent again as the id we log
         if config.access.api_key:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business
@@ -171,7 +175,12 @@ class Forwarder:
         progress = Progress()
         self._metrics.in_flight_count += 1
         try:
-            return await self._forward(request, method, request_id, progress)
+            response = await self._forward(request, method, request_id, progress)
+            if "Transfer-Encoding" in request.headers:
+                # aiohttp's parser lets a chunked body's trailer fields leak into the next request's head
+                # on the same connection: after a chunked request, the connection ends with the answer.
+                response.force_close()
+            return response
         except SidecarError as exc:
             headers = {REQUEST_ID_HEADER: request_id}
             retry_after = getattr(exc, "retry_after", None)
@@ -190,6 +199,8 @@ class Forwarder:
                     request_id=request_id,
                 )
             response = error_response(exc, headers)
+            if "Transfer-Encoding" in request.headers:
+                response.force_close()  # as above: no request is read after a chunked one's trailers
             progress.status = exc.status
             progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
             if isinstance(exc, RequestTimeout) and request.transport is not None:
@@ -239,7 +250,7 @@ class Forwarder:
                 method,
                 has_body=request.body_exists,
                 content_length=request.content_length,
-                chunked="Transfer-Encoding" in request.headers,
+                transfer_encoding=request.headers.get("Transfer-Encoding"),
             )
         except WireError as exc:
             raise BadRequest(str(exc)) from None
@@ -389,7 +400,8 @@ class Forwarder:
         progress.status = status
         try:
             while chunk := await upstream.read():
-                await response.write(chunk)
+                async with asyncio.timeout(self._stall_s):  # a client that stops reading: no byte moving
+                    await response.write(chunk)
                 progress.size += len(chunk)
                 self._metrics.bytes_out_total += len(chunk)
         except BodyInterrupted as exc:
@@ -409,6 +421,13 @@ class Forwarder:
             return response
         except ConnectionError:
             progress.outcome = "client_gone"  # the client disconnected while we wrote
+            return response
+        except TimeoutError:
+            # The client took no byte for upstream.timeout_s: cut it, so it cannot hold an upstream
+            # connection (and a pool slot) for as long as it likes.
+            progress.outcome = "client_stalled"
+            if request.transport is not None:
+                request.transport.abort()
             return response
         await response.write_eof()
         return response

@@ -68,6 +68,9 @@ HeaderList = list[tuple[bytes, bytes]]
 # limit of its own, and every byte of it would be held in memory and copied to the client.
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
+# What may arrive before the head is complete, beyond MAX_RESPONSE_HEAD of names and values: line ends,
+# ": ", the status line, 1xx heads. Past it the exchange fails even inside one endless line.
+MAX_HEAD_SLACK = 16 * 1024
 # 1xx responses skipped before the final one (103 Early Hints, 100 Continue): an upstream sending them
 # without end would otherwise hold the request, its bytes "moving", for good.
 MAX_INFORMATIONAL = 16
@@ -131,7 +134,9 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: HeaderList = []
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes fed to llhttp before the final head ended (a bound on what it buffers)
+        self.header_bytes = 0
+        self.trailer_bytes = 0
         self.informational = 0
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -139,6 +144,10 @@ class Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.got_bytes = False
         self._waiter: asyncio.Future[None] | None = None
+        if getattr(self, "_paused_reading", False) and self.transport is not None and not self.closed:
+            # The last response was complete but released unread while its buffer held reading off (a 401
+            # before its retry, a client gone): the next exchange must hear its own answer.
+            self.transport.resume_reading()
         self._paused_reading = False
 
     @property
@@ -185,10 +194,12 @@ class Connection(asyncio.Protocol):
             self._past_the_response()
 
     def _feed(self, data: bytes) -> None:
+        in_head = self.status == 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # not a parse error: llhttp stops at a 101 Switching Protocols
             self._fail(ConnectionError("the upstream switched protocols (101); the proxy forwards plain HTTP only"))
+            return
         except httptools.HttpParserError as exc:
             if self.state.response is Phase.DONE:  # llhttp was stopped (or choked) past the response's end
                 self._past_the_response()
@@ -203,6 +214,13 @@ class Connection(asyncio.Protocol):
                 self._fail(ConnectionError(f"the upstream sent {detail}"))
             else:
                 self._fail(self.error)
+            return
+        if in_head and self.status == 0:
+            # httptools hands a line over only once it ends, buffering it until then: a status or header
+            # line without end would grow without bound before on_header saw it. Count what it holds.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD + MAX_HEAD_SLACK:
+                self._fail(ConnectionError(f"the upstream sent a response head over {MAX_RESPONSE_HEAD // 1024} KiB"))
 
     def _past_the_response(self) -> None:
         """Bytes after a complete response: dropped unread, and the connection is closed, never reused."""
@@ -217,8 +235,11 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.active:
             before = self.state.response
-            self.state.connection_closed()
-            if self.state.failed and self.error is None and before is not Phase.DONE:
+            if exc is None:
+                self.state.connection_closed()
+            else:  # a reset: a body delimited by the close is not known to be whole
+                self.state.abort()
+            if self.state.response is Phase.ERROR and self.error is None and before is not Phase.DONE:
                 self.error = exc or ConnectionResetError("the upstream closed the connection")
         self._wake()
         drain, self._drain = self._drain, None
@@ -241,14 +262,20 @@ class Connection(asyncio.Protocol):
             raise _PastTheResponse
 
     def on_status(self, status: bytes) -> None:
-        self.reason += status
+        self.reason = self.reason + status if self.reason else status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.state.response is not Phase.IDLE:
-            return  # a trailer field (after a chunked body): never merged into the head (RFC 9110 §6.5.1)
+            # A trailer field (after a chunked body): never merged into the head (RFC 9110 §6.5.1), and
+            # bounded like a head, so an endless trailer section cannot grow memory.
+            self.trailer_bytes += len(name) + len(value)
+            if self.trailer_bytes > MAX_RESPONSE_HEAD:
+                self.error = ConnectionError(f"the upstream sent trailers over {MAX_RESPONSE_HEAD // 1024} KiB")
+                raise ValueError("trailers too large")
+            return
         self.headers.append((name, value))
-        self.head_bytes += len(name) + len(value)
-        if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_HEADERS:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_HEADERS:
             self.error = ConnectionError(
                 f"the upstream sent a response head over {MAX_RESPONSE_HEAD // 1024} KiB "
                 f"or {MAX_RESPONSE_HEADERS} header lines"
@@ -258,9 +285,12 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         state = self.state
+        if status < 100:  # llhttp reads any three digits: "000" is no status
+            self.error = ConnectionError(f"the upstream sent an invalid status code ({status:03d})")
+            raise ValueError("invalid status")  # stops llhttp; _feed fails the exchange
         if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
             state.informational()
-            self.headers, self.reason, self.head_bytes = [], b"", 0
+            self.headers, self.reason, self.header_bytes = [], b"", 0
             self.informational += 1
             if self.informational > MAX_INFORMATIONAL:
                 self.error = ConnectionError(
@@ -335,7 +365,12 @@ class Connection(asyncio.Protocol):
         """The request body was copied, or copying it failed (the client went away, or was too slow)."""
         if sender.cancelled():
             if self.state.request is Phase.SEND_BODY:
-                self._fail(ConnectionResetError("the request body was not sent whole"))
+                if self.head_done and self.state.response is not Phase.ERROR:
+                    # Stopped on purpose after the answer came (an early 413): the answer is still read to
+                    # its end; only the connection is spent.
+                    self.state.abandon_request()
+                else:
+                    self._fail(ConnectionResetError("the request body was not sent whole"))
             return
         exc = sender.exception()
         if exc is not None:
@@ -424,7 +459,7 @@ class Exchange:
             if conn.complete:
                 self.release()
                 return b""
-            if conn.error is not None or conn.state.failed:
+            if conn.error is not None or conn.state.response is Phase.ERROR:
                 raise BodyInterrupted(
                     _describe(conn.error or ConnectionResetError("the upstream closed the connection"))
                 )
@@ -583,6 +618,8 @@ class Pool:
             while not conn.head_done:
                 if conn.error is not None:
                     raise conn.error
+                if conn.state.response is Phase.ERROR:  # failed without a reason recorded: never wait on
+                    raise ConnectionResetError("the upstream connection failed")
                 await conn.wait()
         except BaseException as exc:
             timer.cancel()
@@ -648,11 +685,18 @@ class Pool:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
-            except TimeoutError as exc:
-                raise UpstreamTimeout(
-                    f"all {self._limit} upstream connections stayed busy (upstream.pool_size)"
-                ) from exc
+                # Not asyncio.wait_for: on Python 3.11 it returns a waiter's result and drops a cancellation
+                # that came after the wake-up, so a request whose client hung up took the connection.
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving: the wake-up goes to the next in line
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout(
+                        f"all {self._limit} upstream connections stayed busy (upstream.pool_size)"
+                    ) from exc
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()

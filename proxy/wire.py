@@ -84,16 +84,22 @@ def length(n: int) -> Framing:
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def request_framing(method: str, *, has_body: bool, content_length: int | None, chunked: bool) -> Framing:
+def request_framing(
+    method: str, *, has_body: bool, content_length: int | None, transfer_encoding: str | None
+) -> Framing:
     """The framing of the request the proxy sends upstream, from the client's request as aiohttp parsed it.
 
-    ``chunked``: the client's request was chunked (its ``Transfer-Encoding``); ``content_length``: its
+    ``transfer_encoding``: the client's ``Transfer-Encoding`` (None when absent); ``content_length``: its
     ``Content-Length``. A request that claims both is ambiguous and refused (aiohttp's parser already
-    refuses it; this is the second lock on the same door).
+    refuses it; this is the second lock on the same door), and so is a transfer coding other than
+    chunked alone: aiohttp removes only the chunked framing, and relaying ``gzip, chunked`` re-chunked
+    would hand the upstream gzip bytes as plain content.
     """
-    if chunked and content_length is not None:
-        raise WireError("a request with both Content-Length and Transfer-Encoding is ambiguous")
-    if chunked:
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise WireError("a request with both Content-Length and Transfer-Encoding is ambiguous")
+        if transfer_encoding.strip().lower() != "chunked":
+            raise WireError("transfer codings other than chunked are not forwarded")
         return CHUNKED
     if content_length is not None and (has_body or content_length == 0):
         return length(content_length)
@@ -236,6 +242,12 @@ class ExchangeState:
             self.request = step(self.request, Event.FAIL)
         if self.response is not Phase.DONE:
             self.response = step(self.response, Event.FAIL)
+
+    def abandon_request(self) -> None:
+        """Our body stops before its end because the answer came first (an early 413): the response goes
+        on; the connection is not reused."""
+        self.request = step(self.request, Event.FAIL)
+        self.keep_alive = False
 
     def extra_bytes(self) -> None:
         """Bytes from the upstream past the end of its response: never relayed, and the connection is

@@ -428,9 +428,6 @@ async def test_a_client_that_hangs_up_while_waiting_for_the_pool_leaves_no_error
     assert not errors, [(r.name, r.getMessage(), r.exc_info) for r in errors]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="proxy/upstream.py Pool._acquire: a woken waiter that is cancelled drops the wake-up"
-)
 async def test_a_cancelled_waiter_passes_its_wake_up_on(raw_server):
     """pool_size = 1: when the only connection comes back, the first waiter is woken; if its client hung
     up in the meantime (its task is cancelled before it runs), the next waiter gets the connection instead

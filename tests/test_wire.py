@@ -27,14 +27,17 @@ from proxy.wire import (
 
 
 def test_request_framing_comes_from_the_parsed_request():
-    """Content-Length, chunked, Content-Length: 0 for body methods, nothing for the rest; both is refused."""
-    assert request_framing("POST", has_body=True, content_length=10, chunked=False) == length(10)
-    assert request_framing("POST", has_body=True, content_length=None, chunked=True) == CHUNKED
-    assert request_framing("POST", has_body=False, content_length=None, chunked=False) == EMPTY
-    assert request_framing("GET", has_body=False, content_length=None, chunked=False) == NO_BODY
-    assert request_framing("GET", has_body=False, content_length=0, chunked=False) == length(0)
+    """Content-Length, chunked, Content-Length: 0 for body methods, nothing for the rest; both, or a
+    transfer coding other than chunked, is refused."""
+    assert request_framing("POST", has_body=True, content_length=10, transfer_encoding=None) == length(10)
+    assert request_framing("POST", has_body=True, content_length=None, transfer_encoding="chunked") == CHUNKED
+    assert request_framing("POST", has_body=False, content_length=None, transfer_encoding=None) == EMPTY
+    assert request_framing("GET", has_body=False, content_length=None, transfer_encoding=None) == NO_BODY
+    assert request_framing("GET", has_body=False, content_length=0, transfer_encoding=None) == length(0)
     with pytest.raises(WireError, match="both"):
-        request_framing("POST", has_body=True, content_length=10, chunked=True)
+        request_framing("POST", has_body=True, content_length=10, transfer_encoding="chunked")
+    with pytest.raises(WireError, match="other than chunked"):
+        request_framing("POST", has_body=True, content_length=None, transfer_encoding="gzip, chunked")
     assert CHUNKED.header() == b"Transfer-Encoding: chunked\r\n"
     assert length(7).header() == b"Content-Length: 7\r\n"
     assert NO_BODY.header() == b""
