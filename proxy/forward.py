@@ -175,12 +175,7 @@ class Forwarder:
         progress = Progress()
         self._metrics.in_flight_count += 1
         try:
-            response = await self._forward(request, method, request_id, progress)
-            if "Transfer-Encoding" in request.headers:
-                # aiohttp's parser lets a chunked body's trailer fields leak into the next request's head
-                # on the same connection: after a chunked request, the connection ends with the answer.
-                response.force_close()
-            return response
+            return await self._forward(request, method, request_id, progress)
         except SidecarError as exc:
             headers = {REQUEST_ID_HEADER: request_id}
             retry_after = getattr(exc, "retry_after", None)
@@ -199,8 +194,6 @@ class Forwarder:
                     request_id=request_id,
                 )
             response = error_response(exc, headers)
-            if "Transfer-Encoding" in request.headers:
-                response.force_close()  # as above: no request is read after a chunked one's trailers
             progress.status = exc.status
             progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
             if isinstance(exc, RequestTimeout) and request.transport is not None:

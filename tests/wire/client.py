@@ -292,12 +292,27 @@ async def converse(
     returned as ``trailing``: on a well-behaved proxy it is empty. A request whose connection was closed
     before its response gets None (and so do the ones after it).
     """
-    data = [request.encode(host) for request in requests]
-    async with await WireClient.connect(port) as client:
-        await client.send(*(writes if writes is not None else data), pause_s=pause_s)
-        responses: list[Response | None] = []
-        for request in requests:
-            response = None if client.drained else await client.response(request.method)
-            responses.append(response)
-        trailing = await client.rest(trailing_s)
+    responses: list[Response | None] = []
+    trailing = b""
+    pending = list(requests)
+    while pending:
+        data = [request.encode(host) for request in pending]
+        async with await WireClient.connect(port) as client:
+            await client.send(*(writes if writes is not None else data), pause_s=pause_s)
+            closed_at = None
+            for i, request in enumerate(pending):
+                response = None if client.drained else await client.response(request.method)
+                responses.append(response)
+                if response is not None and _closes(response) and i + 1 < len(pending) and writes is None:
+                    # "close": the server processes no further request on this connection (RFC 9112 §9.6),
+                    # so an HTTP/1.1 client sends the rest again on a new one, as this one does.
+                    closed_at = i + 1
+                    break
+            trailing += await client.rest(trailing_s)
+        pending = pending[closed_at:] if closed_at is not None else []
     return Conversation(responses, trailing)
+
+
+def _closes(response: Response) -> bool:
+    value = response.header("connection") or ""
+    return "close" in {token.strip().lower() for token in value.split(",")}
