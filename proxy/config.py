@@ -1,6 +1,7 @@
 """Configuration: TOML, then environment overrides, then ``*_file`` secrets, into frozen dataclasses.
 
-Every key, its type and its default is in :data:`SCHEMA`; every check is in :func:`_validate`.
+Every key and its default is a field of the frozen dataclasses below (:data:`SCHEMA`, the key -> type
+and default table the loader works from, is read from them); every check is in :func:`_validate`.
 Whatever is wrong raises one :class:`~proxy.errors.ConfigError` naming the source (file or
 environment variable), the key and the problem, before anything starts.
 """
@@ -13,7 +14,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -25,76 +26,21 @@ from .providers import PRESETS, Preset
 ENV_PREFIX = "OAUTH_SIDECAR_"
 ENV_CONFIG_PATH = "OAUTH_SIDECAR_CONFIG"
 DEFAULT_CONFIG_PATH = "config.toml"
-SECRET_KEYS = {
+# The configuration keys whose values are secrets, in the order Config.secrets() gives them. Each may
+# come from a file instead (`<key>_file`, `OAUTH_SIDECAR_<SECTION>_<KEY>_FILE`).
+SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("auth", "password"),
     ("auth", "client_secret"),
     ("auth", "refresh_token"),
     ("auth", "code"),
     ("access", "api_key"),
-}
+)
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
 
-# section -> key -> (type, default). `float` accepts integers too.
-SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "listen": {
-        "host": (str, "127.0.0.1"),
-        "port": (int, 8360),
-        "allowed_hosts": (list, []),
-        "shutdown_grace_s": (float, 30.0),
-        "max_connections": (int, 1024),
-        "idle_timeout_s": (float, 75.0),
-        "min_body_rate": (float, 1024.0),
-    },
-    "upstream": {
-        "url": (str, ""),
-        "timeout_s": (float, 300.0),
-        "connect_timeout_s": (float, 10.0),
-        "ca_file": (str, ""),
-        "pool_size": (int, 100),
-        "replay_limit_bytes": (int, 65536),
-    },
-    "auth": {
-        "provider": (str, "we360"),
-        "token_url": (str, ""),
-        "issuer": (str, ""),
-        "grant_type": (str, "password"),
-        "client_id": (str, ""),
-        "client_secret": (str, ""),
-        "username": (str, ""),
-        "password": (str, ""),
-        "refresh_token": (str, ""),
-        "code": (str, ""),
-        "redirect_uri": (str, ""),
-        "scope": (str, ""),
-        "body": (str, "form"),
-        "client_auth": (str, "body"),
-        "refresh_margin_s": (float, 60.0),
-        "default_lifetime_s": (float, 36000.0),
-        "revoke_on_shutdown": (bool, False),
-        "revoke_url": (str, ""),
-        "logout_url": (str, ""),
-        "timeout_s": (float, 30.0),
-        "extra": (dict, {}),
-    },
-    "inject": {
-        "header": (str, "Authorization"),
-        "value": (str, "Bearer {token}"),
-    },
-    "access": {
-        "allow_methods": (list, []),
-        "allow_paths": (list, []),
-        "api_key": (str, ""),
-        "allow_origins": (list, []),
-        "allow_clients": (list, []),
-    },
-    "log": {
-        "level": (str, "info"),
-        "format": (str, "text"),
-        "access_log": (bool, True),
-    },
-}
+# Field metadata for a value the loader sets itself (from the preset): not a configuration key.
+NOT_A_KEY = MappingProxyType({"key": False})
 
 
 @dataclass(frozen=True)
@@ -143,7 +89,7 @@ class AuthConfig:
     timeout_s: float = 30.0
     # Values keep their TOML type: a JSON token body sends true/3 as JSON, a form sends "true"/"3".
     extra: Mapping[str, str | int | float | bool] = field(default_factory=dict)
-    auth_string: bool = False  # from the preset: send base64(username:password) as auth_string
+    auth_string: bool = field(default=False, metadata=NOT_A_KEY)  # from the preset: send base64(username:password)
 
 
 @dataclass(frozen=True)
@@ -180,14 +126,33 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Every configured secret value (for the log redaction safety net)."""
-        values = [
-            self.auth.password,
-            self.auth.client_secret,
-            self.auth.refresh_token,
-            self.auth.code,
-            self.access.api_key,
-        ]
+        values = [getattr(getattr(self, section), key) for section, key in SECRET_KEYS]
         return [v for v in values if v]
+
+
+def _schema() -> dict[str, dict[str, tuple[type, Any]]]:
+    """section -> key -> (type, default), read from the section dataclasses of :class:`Config`. The type is
+    the TOML type of the default (a tuple is a TOML array, a mapping a table); ``float`` accepts integers too."""
+    schema: dict[str, dict[str, tuple[type, Any]]] = {}
+    for section in fields(Config):
+        cls = section.default_factory
+        if not is_dataclass(cls):  # `source`: not a section
+            continue
+        table: dict[str, tuple[type, Any]] = {}
+        for key in fields(cls):
+            if not key.metadata.get("key", True):
+                continue
+            default = key.default if key.default is not MISSING else key.default_factory()
+            if isinstance(default, tuple):
+                default = list(default)
+            elif isinstance(default, Mapping):
+                default = dict(default)
+            table[key.name] = (type(default), default)
+        schema[section.name] = table
+    return schema
+
+
+SCHEMA = _schema()
 
 
 # --- loading -------------------------------------------------------------------------------------
