@@ -1,4 +1,6 @@
-"""The command line: parse arguments, load the configuration, set up logging, run. Nothing else."""
+"""The command line: parse arguments, load the configuration, set up logging, then run one of three things:
+the proxy (:func:`serve`), a one-time login (:func:`check`, ``--check``) or ``--dev``, which starts
+proxy/demo.py's identity provider and API in this process and the proxy in front of them."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """A demo identity provider (Keycloak's dialect) and a demo API, for ``--dev`` and for tests.
 
 Both are small aiohttp apps meant for loopback only. The identity provider issues signed JWTs with
-short lifetimes, rotates refresh tokens, answers errors the way Keycloak 26 does (see
-``shared/research/keycloak-token-endpoint.md``), counts every request, and can be told to fail the
-next requests. The API accepts only tokens the identity provider issued and that have not expired,
-and counts what it saw, so a test can assert "no expired token ever reached the upstream".
+short lifetimes, rotates refresh tokens, answers errors the way Keycloak 26 does (its ``error`` codes,
+``error_description`` texts and statuses, e.g. 400 ``invalid_grant`` "Invalid user credentials"),
+counts every request, and can be told to fail the next requests. The API accepts only tokens the
+identity provider issued and that have not expired, and counts what it saw, so a test can assert "no
+expired token ever reached the upstream".
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Logs, events, metrics and redaction.
 
-Log lines are events with stable names (``token.login``, ``token.refreshed``, ``token.login_rejected``,
-``request``) and structured fields. A token is named by its fingerprint, never its value. On top of
-that, :class:`RedactingFilter` masks anything shaped like a JWT or equal to a configured secret in
-every record, as a safety net.
+Log lines are events with stable names (``token.obtained``, ``token.login_rejected``, ``request``, ...:
+every one is in :data:`EVENTS`) and structured fields. A token is named by its fingerprint, never its
+value. On top of that, :class:`RedactingFilter` masks anything shaped like a JWT or equal to a configured
+secret in every record, as a safety net.
 
 Metrics use ``prometheus_client`` with one registry per app, so two apps in one process (tests,
 ``--dev``) never share counters.
@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -30,6 +30,37 @@ from prometheus_client.utils import floatToGoString
 LOGGER_NAME = "oauth_sidecar"
 log = logging.getLogger(LOGGER_NAME)
 access_log = logging.getLogger(LOGGER_NAME + ".access")
+
+# Every event name the proxy logs, and when. tests/test_observability.py checks that each name logged in
+# proxy/*.py is here, that each name here is logged somewhere, and that the README's Logs section names it.
+EVENTS: Mapping[str, str] = {
+    # the process (proxy/app.py, proxy/cli.py, proxy/listener.py)
+    "sidecar.starting": "the app is built: version, provider, upstream, grant type",
+    "sidecar.listening": "the listener is up: its URL",
+    "sidecar.exposed": "listening beyond loopback with neither access.api_key nor access.allow_clients",
+    "sidecar.fd_limit": "at start: the open-file limit is too low for listen.max_connections, the cap is lowered",
+    "sidecar.busy": "connections beyond listen.max_connections were refused (at most every 10 s)",
+    "sidecar.accept_failed": "accept() failed, out of open files or memory (at most every 5 s)",
+    "sidecar.stopping": "SIGTERM or SIGINT: in-flight requests get listen.shutdown_grace_s",
+    "sidecar.stopped": "the process is about to exit 0",
+    # requests (proxy/forward.py; request.malformed by MalformedRequestFilter below)
+    "request": "one access line per request (logger oauth_sidecar.access)",
+    "request.failed": "the proxy answered 5xx itself (502 unreachable, 503 no token, 504 timeout)",
+    "request.malformed": "a request aiohttp's parser refused (400)",
+    "upstream.body_interrupted": "the upstream failed mid-body: the client's connection is cut",
+    # the token (proxy/tokens.py, proxy/idp.py)
+    "token.obtained": "a login or refresh succeeded",
+    "token.unavailable": "a token request failed for a transient reason: unreachable, timeout, 5xx, 429, bad reply",
+    "token.refresh_rejected": "the provider refused the refresh token: the same renewal logs in",
+    "token.login_rejected": "the provider refused the credentials: backing off",
+    "token.rejected_upstream": "the upstream answered 401 to the current token: it is renewed",
+    "token.dropped": "a token the upstream rejected is dropped after its renewal was refused too",
+    "token.flight_crashed": "a renewal failed with an unexpected exception (a bug), with its traceback",
+    "token.session_ended": "the session was ended at the provider on shutdown (revoke_on_shutdown)",
+    "token.session_end_failed": "ending the session at the provider on shutdown failed",
+    "idp.discovered": "the endpoints of auth.issuer were found by OpenID discovery",
+    "idp.refresh_unsupported": "the provider does not implement the refresh grant: renewals log in from now on",
+}
 
 MASK = "[REDACTED]"
 # Three base64url segments, the first starting like a JSON header ("eyJ"): a JWS/JWT.
@@ -81,7 +112,7 @@ class RedactingFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-22T10:00:00Z info token.refreshed token=ab12 expires_in=299``"""
+    """``2026-11-22T10:00:00Z info token.obtained kind=refresh token=3f2a9c1b0d expires_in_s=299.0``"""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -116,7 +147,7 @@ def _text(value: Any) -> str:
 
 
 def event(name: str, level: int = logging.INFO, logger: logging.Logger = log, **fields: Any) -> None:
-    """Log the event ``name`` with structured ``fields``."""
+    """Log the event ``name`` (one of :data:`EVENTS`) with structured ``fields``."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields})
 

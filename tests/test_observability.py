@@ -8,13 +8,14 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import DemoIdP, Fault
-from proxy.observability import JsonFormatter, Metrics, TextFormatter, setup_logging
+from proxy.observability import EVENTS, JsonFormatter, Metrics, TextFormatter, setup_logging
 from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
 
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
@@ -434,3 +435,41 @@ def test_token_failure_reasons_cannot_grow_the_metric_without_bound():
     assert reasons["invalid_grant"] == 2
     assert len(reasons) == MAX_FAILURE_REASONS  # invalid_grant, other, and the first 30 made-up ones
     assert reasons["other"] == 1 + (MAX_FAILURE_REASONS * 3 - (MAX_FAILURE_REASONS - 2))
+
+
+# --- the event registry --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+# A name passed to event(...) or to a logger method, also on the line after the parenthesis, and the name
+# MalformedRequestFilter gives aiohttp's record.
+LOGGED_NAME = re.compile(
+    r'(?:\bevent|\.(?:debug|info|warning|error|exception|critical))\(\s*"([a-z_]+(?:\.[a-z_]+)*)"'
+    r'|\brecord\.msg\b[^=\n]*=\s*"([a-z_]+(?:\.[a-z_]+)*)"'
+)
+
+
+def _logged_names() -> dict[str, str]:
+    """Every event name logged in proxy/*.py, with the first file that logs it."""
+    found: dict[str, str] = {}
+    for path in sorted((REPO / "proxy").glob("*.py")):
+        for match in LOGGED_NAME.finditer(path.read_text(encoding="utf-8")):
+            found.setdefault(match.group(1) or match.group(2), path.name)
+    return found
+
+
+def test_every_event_logged_is_in_the_registry_and_every_registered_one_is_logged():
+    """proxy/observability.py's EVENTS is exactly the set of event names the code logs: none unlisted, none stale."""
+    logged = _logged_names()
+    assert len(logged) >= 20  # the pattern still finds the calls
+    assert {name: where for name, where in logged.items() if name not in EVENTS} == {}, "logged, not in EVENTS"
+    assert sorted(set(EVENTS) - set(logged)) == [], "in EVENTS, logged nowhere"
+
+
+def test_the_readme_event_table_is_the_registry():
+    """The README's Logs section lists every event in EVENTS, and no other."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    logs = readme[readme.index("### Logs") :]
+    logs = logs[: logs.index("\n### ", 1)]
+    table = re.findall(r"^\| `([a-z_]+(?:\.[a-z_]+)*)` \|", logs, re.M)
+    assert len(table) == len(set(table)), "an event listed twice"
+    assert sorted(table) == sorted(EVENTS)
