@@ -12,96 +12,15 @@ import logging
 
 import pytest
 
-from tests.fakes.servers import keycloak_config, start_idp, start_proxy
-
-READ_S = 5.0
-LIMIT = 1024  # upstream.replay_limit_bytes in these tests: larger bodies stream
-
-
-class Recorder:
-    """A raw upstream: parses each request by its own Content-Length / chunked framing (the way a
-    strict server would), records what it read, and answers with ``respond(request_number)``."""
-
-    def __init__(self, respond) -> None:
-        self.respond = respond
-        self.requests: list[tuple[int, bytes, bytes]] = []  # (connection number, head, body)
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.sleep(0.01)  # the handlers see their connections close and return
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        number = self.connections
-        self._writers.append(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                body = await _read_body(reader, head)
-                self.requests.append((number, head, body))
-                writer.write(self.respond(len(self.requests)))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-
-async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
-    fields = _fields(head)
-    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return body
-            body += chunk[:-2]
-    return await reader.readexactly(int(fields.get(b"content-length", b"0")))
-
-
-def _fields(head: bytes) -> dict[bytes, bytes]:
-    out = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().lower()] = value.strip()
-    return out
-
-
-async def _proxy(aiohttp_server, aiohttp_client, url: str, **sections):
-    idp = await start_idp(aiohttp_server)
-    sections.setdefault("upstream", {})
-    sections["upstream"] = {"replay_limit_bytes": LIMIT, **sections["upstream"]}
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, url, **sections))
-    return client, client.server.port
-
-
-async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One response read off a raw client connection by its own framing: (head, body)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
-    fields = _fields(head)
-    if b" 204 " in head.split(b"\r\n", 1)[0] or b" 304 " in head.split(b"\r\n", 1)[0]:
-        return head, b""
-    if fields.get(b"transfer-encoding") == b"chunked":
-        return head, await asyncio.wait_for(_read_body(reader, head), READ_S)
-    if b"content-length" in fields:
-        return head, await asyncio.wait_for(reader.readexactly(int(fields[b"content-length"])), READ_S)
-    return head, await asyncio.wait_for(reader.read(), READ_S)  # delimited by the close
-
-
-def _ok(body: bytes = b"ok") -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+from tests.fakes.raw_upstream import (
+    LIMIT,
+    READ_S,
+    Recorder,
+    header_fields,
+    ok,
+    read_response,
+    start_recorded_proxy,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,15 +37,15 @@ async def test_a_large_upload_mentioning_chunked_is_sent_as_its_content_length(
 ):
     """A body over the replay limit sent with Content-Length, with the word "chunked" anywhere in the
     head, reaches the upstream as exactly those bytes: it cannot turn into a second request."""
-    upstream = Recorder(lambda n: _ok(b"%d" % n))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok(b"%d" % n))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     smuggled = b"GET /api/capture HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n"
     body = smuggled + b"x" * (LIMIT * 3 - len(smuggled))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%sContent-Length: %d\r\n\r\n" % (target, extra, len(body)))
     writer.write(body)
     writer.write(b"GET /v1/next HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first, second = await _response(reader), await _response(reader)
+    first, second = await read_response(reader), await read_response(reader)
     writer.close()
     assert (first[1], second[1]) == (b"1", b"2")
     assert [(head.split(b" ")[1], got) for _, head, got in upstream.requests] == [
@@ -138,17 +57,17 @@ async def test_a_large_upload_mentioning_chunked_is_sent_as_its_content_length(
 
 async def test_a_chunked_upload_is_re_chunked_whatever_its_size(aiohttp_server, aiohttp_client):
     """A client's chunked body arrives whole, chunk-encoded, with no Content-Length beside it."""
-    upstream = Recorder(lambda n: _ok())
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
     writer.write(b"5\r\nhello\r\n" + b"%x\r\n" % (LIMIT * 2) + b"y" * (LIMIT * 2) + b"\r\n0\r\n\r\n")
-    head, _ = await _response(reader)
+    head, _ = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 ")
     ((_, sent_head, got),) = upstream.requests
     assert got == b"hello" + b"y" * (LIMIT * 2)
-    assert b"content-length" not in _fields(sent_head)
+    assert b"content-length" not in header_fields(sent_head)
     await upstream.stop()
 
 
@@ -156,11 +75,11 @@ async def test_a_204_followed_by_a_forged_response_reaches_no_client(aiohttp_ser
     """Bytes after a complete response are dropped and the connection closed: neither this client nor
     the next request ever sees the forged response."""
     forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
-    upstream = Recorder(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n" + forged if n == 1 else _ok(b"real"))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n" + forged if n == 1 else ok(b"real"))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"DELETE /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/y HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first, second = await _response(reader), await _response(reader)
+    first, second = await read_response(reader), await read_response(reader)
     writer.close()
     assert first[0].startswith(b"HTTP/1.1 204 No Content\r\n")
     assert b"forged" not in first[0] + second[0] + second[1]
@@ -172,15 +91,13 @@ async def test_a_204_followed_by_a_forged_response_reaches_no_client(aiohttp_ser
 async def test_a_head_answered_with_a_body_gives_the_client_the_head_alone(aiohttp_server, aiohttp_client):
     """A HEAD response's body is never written to the client; its Content-Length passes through; the
     client's next response on the connection is its own."""
-    upstream = Recorder(
-        lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsplitting" if n == 1 else _ok(b"second")
-    )
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsplitting" if n == 1 else ok(b"second"))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"HEAD /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/y HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
     assert b"Content-Length: 9\r\n" in head
-    second = await _response(reader)
+    second = await read_response(reader)
     writer.close()
     assert second[0].startswith(b"HTTP/1.1 200 ") and second[1] == b"second"
     assert upstream.connections == 2
@@ -193,14 +110,14 @@ async def test_response_head_bytes_pass_through_as_they_came(aiohttp_server, aio
     upstream = Recorder(
         lambda n: b"HTTP/1.1 200 Fine\r\nContent-Disposition: %s\r\nContent-Length: 2\r\n\r\nok" % disposition
     )
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/file HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 Fine\r\n")
     assert b"Content-Disposition: " + disposition + b"\r\n" in head
-    assert {b"content-type", b"date", b"server"} & set(_fields(head)) == set()
+    assert {b"content-type", b"date", b"server"} & set(header_fields(head)) == set()
     assert body == b"ok"
     await upstream.stop()
 
@@ -220,26 +137,26 @@ async def test_an_http10_keep_alive_client_can_delimit_a_chunked_response(raw_se
         await reader.read()
 
     url = await raw_server(slow)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
     rest = await asyncio.wait_for(reader.read(), READ_S)  # ends: the proxy closes the connection
     writer.close()
-    assert b"Connection: close\r\n" in head and b"transfer-encoding" not in _fields(head)
+    assert b"Connection: close\r\n" in head and b"transfer-encoding" not in header_fields(head)
     assert rest == b"abcdef"
 
 
 async def test_an_http10_keep_alive_client_keeps_its_connection_for_a_sized_response(aiohttp_server, aiohttp_client):
     """With a Content-Length to delimit the body, an HTTP/1.0 keep-alive client is told keep-alive and
     its second request is answered on the same connection."""
-    upstream = Recorder(lambda n: _ok(b"%d" % n))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok(b"%d" % n))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answers = []
     for _ in range(2):
         writer.write(b"GET /v1/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
-        answers.append(await _response(reader))
+        answers.append(await read_response(reader))
     writer.close()
     assert [body for _, body in answers] == [b"1", b"2"]
     assert all(b"Connection: keep-alive\r\n" in head for head, _ in answers)
@@ -257,10 +174,10 @@ async def test_an_http10_keep_alive_client_keeps_its_connection_for_a_sized_resp
 async def test_a_response_two_parsers_could_split_differently_is_a_502(aiohttp_server, aiohttp_client, head):
     """Ambiguous response framing is refused with the proxy's JSON 502, not relayed."""
     upstream = Recorder(lambda n: head)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    got_head, body = await _response(reader)
+    got_head, body = await read_response(reader)
     writer.close()
     assert got_head.startswith(b"HTTP/1.1 502 ")
     assert b'"upstream_unreachable"' in body and b"hello" not in body
@@ -281,10 +198,10 @@ async def test_a_download_slower_than_the_timeout_but_flowing_is_not_cut(raw_ser
         await reader.read()
 
     url = await raw_server(trickle)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.25})
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.25})
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)  # 0.6 s in all, over twice the timeout
+    head, body = await read_response(reader)  # 0.6 s in all, over twice the timeout
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 ") and body == b"0123456789"
 
@@ -292,8 +209,8 @@ async def test_a_download_slower_than_the_timeout_but_flowing_is_not_cut(raw_ser
 async def test_a_trickled_body_gets_408_and_its_connection_is_closed(aiohttp_server, aiohttp_client):
     """A body far below listen.min_body_rate is answered 408 (JSON) and the connection closed; the
     upstream never sees the request."""
-    upstream = Recorder(lambda n: _ok())
-    _, port = await _proxy(
+    upstream = Recorder(lambda n: ok())
+    _, port = await start_recorded_proxy(
         aiohttp_server, aiohttp_client, await upstream.start(), listen={"idle_timeout_s": 0.2, "min_body_rate": 1000}
     )
     for length in (100, LIMIT * 4):  # a small (buffered) body and a large (streamed) one
@@ -314,8 +231,8 @@ async def test_a_trickled_body_gets_408_and_its_connection_is_closed(aiohttp_ser
 
 async def test_an_upload_at_a_usable_speed_is_never_cut(aiohttp_server, aiohttp_client):
     """A body arriving above listen.min_body_rate, over many windows, reaches the upstream whole."""
-    upstream = Recorder(lambda n: _ok())
-    _, port = await _proxy(
+    upstream = Recorder(lambda n: ok())
+    _, port = await start_recorded_proxy(
         aiohttp_server, aiohttp_client, await upstream.start(), listen={"idle_timeout_s": 0.2, "min_body_rate": 1000}
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -324,7 +241,7 @@ async def test_an_upload_at_a_usable_speed_is_never_cut(aiohttp_server, aiohttp_
     for i in range(0, len(body), 500):
         writer.write(body[i : i + 500])
         await asyncio.sleep(0.05)
-    head, _ = await _response(reader)
+    head, _ = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 ")
     assert upstream.requests[0][2] == body
@@ -347,7 +264,7 @@ async def test_a_download_the_client_abandons_is_logged_with_what_was_sent(
             await asyncio.sleep(0.005)
 
     url = await raw_server(endless)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     await asyncio.wait_for(reader.readexactly(300_000), READ_S)
@@ -366,11 +283,11 @@ async def test_a_download_the_client_abandons_is_logged_with_what_was_sent(
 
 async def test_an_endless_run_of_1xx_responses_is_a_502(aiohttp_server, aiohttp_client):
     """An upstream that sends 100 Continue without end cannot hold the request open for good."""
-    upstream = Recorder(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 40 + _ok())
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 40 + ok())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 502 ") and b"informational" in body
     await upstream.stop()

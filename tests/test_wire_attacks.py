@@ -16,99 +16,12 @@ import pytest
 
 from proxy.errors import UpstreamTimeout
 from proxy.upstream import HIGH_WATER, Pool
-from tests.fakes.servers import keycloak_config, start_idp, start_proxy
+from tests.fakes.raw_upstream import LIMIT, Recorder, header_fields, ok, read_response, start_recorded_proxy
 
 READ_S = 3.0
-LIMIT = 1024  # upstream.replay_limit_bytes here: larger bodies stream
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-class Recorder:
-    """A raw upstream that reads each request by its own framing, records it, and answers ``respond(n)``."""
-
-    def __init__(self, respond) -> None:
-        self.respond = respond
-        self.requests: list[tuple[int, bytes, bytes]] = []
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.sleep(0.01)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        number = self.connections
-        self._writers.append(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                body = await _read_body(reader, head)
-                self.requests.append((number, head, body))
-                writer.write(self.respond(len(self.requests)))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
-
-
-async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
-    fields = _fields(head)
-    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return body
-            body += chunk[:-2]
-    return await reader.readexactly(int(fields.get(b"content-length", b"0")))
-
-
-def _fields(head: bytes) -> dict[bytes, bytes]:
-    out = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().lower()] = value.strip()
-    return out
-
-
-async def _proxy(aiohttp_server, aiohttp_client, url: str, **sections):
-    idp = await start_idp(aiohttp_server)
-    sections.setdefault("upstream", {})
-    sections["upstream"] = {"replay_limit_bytes": LIMIT, **sections["upstream"]}
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, url, **sections))
-    return client, client.server.port
-
-
-async def _response(reader: asyncio.StreamReader, method: bytes = b"GET") -> tuple[bytes, bytes]:
-    """One response off a raw client connection, read by its own framing: (head, body)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
-    fields = _fields(head)
-    status = head.split(b"\r\n", 1)[0].split(b" ")[1]
-    if method == b"HEAD" or status in (b"204", b"304") or status.startswith(b"1"):
-        return head, b""
-    if fields.get(b"transfer-encoding") == b"chunked":
-        return head, await asyncio.wait_for(_read_body(reader, head), READ_S)
-    if b"content-length" in fields:
-        return head, await asyncio.wait_for(reader.readexactly(int(fields[b"content-length"])), READ_S)
-    return head, await asyncio.wait_for(reader.read(), READ_S)
-
-
-def _ok(body: bytes = b"ok") -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 async def _open(port: int, rcvbuf: int | None = None):
@@ -132,7 +45,7 @@ async def _read_all(reader: asyncio.StreamReader, within: float = READ_S) -> byt
 
 
 def _token_of(requests) -> bytes:
-    return _fields(requests[0][1])[b"authorization"]
+    return header_fields(requests[0][1])[b"authorization"]
 
 
 # --- findings: these fail on the code they were written against ----------------------------------------
@@ -141,7 +54,9 @@ def _token_of(requests) -> bytes:
 async def test_a_status_000_response_is_a_502_not_a_request_that_hangs(aiohttp_server, aiohttp_client):
     """An upstream answering "HTTP/1.1 000 OK" gets the client a 502, not a request that never ends."""
     upstream = Recorder(lambda n: b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\nok")
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start(), upstream={"timeout_s": 0.3})
+    _, port = await start_recorded_proxy(
+        aiohttp_server, aiohttp_client, await upstream.start(), upstream={"timeout_s": 0.3}
+    )
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     try:
@@ -181,7 +96,7 @@ async def test_a_response_head_line_without_end_is_refused_at_the_head_limit(
         await reader.read()
 
     url = await raw_server(endless_line)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.3})
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.3})
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
@@ -205,7 +120,7 @@ async def test_a_connection_released_with_reading_paused_is_not_handed_to_the_ne
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(_ok(b"second"))
+        writer.write(ok(b"second"))
         await writer.drain()
         await reader.read()
 
@@ -244,14 +159,14 @@ async def test_a_401_with_a_large_body_then_the_retry_on_the_same_connection(
                 body = b"u" * (HIGH_WATER + 1)
                 writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             else:
-                writer.write(_ok(b"retried"))
+                writer.write(ok(b"retried"))
             await writer.drain()
 
     url = await raw_server(serve)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.5})
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.5})
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert (head.split(b"\r\n")[0], body) == (b"HTTP/1.1 200 OK", b"retried"), (head, body[:200], answers)
 
@@ -275,7 +190,7 @@ async def test_an_early_413_reaches_the_client_whole(raw_server, aiohttp_server,
             finished.set()
 
     url = await raw_server(early)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
     reader, writer = await _open(port)
     size = LIMIT * 64
     writer.write(b"PUT /v1/blob HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % size)
@@ -304,7 +219,7 @@ async def test_a_close_delimited_body_cut_by_a_reset_is_not_presented_as_complet
         writer.transport.abort()  # RST, not FIN
 
     url = await raw_server(crash)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
     reader, writer = await _open(port)
     writer.write(b"GET /v1/export.csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     got = await _read_all(reader, 0.8)
@@ -328,18 +243,20 @@ async def test_a_client_that_never_reads_does_not_hold_an_upstream_connection_fo
                     writer.write(b"b" * 65536)
                     await writer.drain()
         else:
-            writer.write(_ok(b"small"))
+            writer.write(ok(b"small"))
             await writer.drain()
         await reader.read()
 
     url = await raw_server(serve)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.3, "pool_size": 1})
+    _, port = await start_recorded_proxy(
+        aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.3, "pool_size": 1}
+    )
     _stuck_reader, stuck = await _open(port, rcvbuf=4096)
     stuck.write(b"GET /v1/big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     await asyncio.sleep(0.8)  # over twice upstream.timeout_s with no byte moving upstream
     reader, writer = await _open(port)
     writer.write(b"GET /v1/small HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     stuck.close()
     assert (head.split(b"\r\n")[0], body) == (b"HTTP/1.1 200 OK", b"small"), (head, body)
@@ -353,15 +270,15 @@ async def test_a_client_that_never_reads_does_not_hold_an_upstream_connection_fo
 async def test_chunked_request_trailers_do_not_become_headers_of_the_next_request(aiohttp_server, aiohttp_client):
     """The trailer fields of a chunked upload are not forwarded as header fields of the client's next
     (pipelined) request: they were never part of its head, and no filter decision may rest on them."""
-    upstream = Recorder(lambda n: _ok(b"r%d" % n))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok(b"r%d" % n))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(
         b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\nX-Injected: from-the-trailer\r\n\r\n"
         b"GET /v1/next HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     )
-    first, second = await _response(reader), await _response(reader)
+    first, second = await read_response(reader), await read_response(reader)
     writer.close()
     await upstream.stop()
     assert (first[1], second[1]) == (b"r1", b"r2")
@@ -372,14 +289,14 @@ async def test_chunked_request_trailers_do_not_become_headers_of_the_next_reques
 async def test_a_request_transfer_coding_other_than_chunked_is_refused(aiohttp_server, aiohttp_client):
     """A request body sent "Transfer-Encoding: gzip, chunked" is refused (400/501), not forwarded as a plain
     chunked body whose gzip coding the head no longer mentions (the response side refuses the same)."""
-    upstream = Recorder(lambda n: _ok())
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(
         b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
         b"a\r\n\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\r\n0\r\n\r\n"
     )
-    head, _ = await _response(reader)
+    head, _ = await read_response(reader)
     writer.close()
     await upstream.stop()
     assert head.split(b" ")[1] in (b"400", b"501"), (head, upstream.requests)
@@ -446,8 +363,8 @@ SMUGGLED = b"GET /v1/smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 async def test_ambiguous_request_framing_never_reaches_the_upstream(aiohttp_server, aiohttp_client, request_bytes):
     """A request two parsers could delimit differently is refused with a 400 and the connection closed:
     nothing of it, nor of the request hidden behind it, reaches the upstream."""
-    upstream = Recorder(lambda n: _ok())
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(request_bytes + b"abcd" + SMUGGLED)
     got = await _read_all(reader, 1.0)
@@ -472,11 +389,11 @@ async def test_a_refused_request_mid_pipeline_keeps_its_body_out_of_the_next_req
 ):
     """A pipelined request the proxy refuses has its body (here a whole request) read and dropped: the
     upstream sees only the request after it, and the client's answers stay in order."""
-    upstream = Recorder(lambda n: _ok(b"r%d" % n))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok(b"r%d" % n))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(refused % len(SMUGGLED) + SMUGGLED + b"GET /v1/next HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first, second = await _response(reader), await _response(reader)
+    first, second = await read_response(reader), await read_response(reader)
     writer.close()
     await upstream.stop()
     assert first[0].split(b" ")[1] in (b"400", b"403", b"417"), first
@@ -490,25 +407,25 @@ async def test_expect_100_continue_gets_one_interim_answer_and_the_body_goes_thr
 ):
     """A client waiting for 100 Continue gets it, then its final answer; the upstream gets the body once,
     without the Expect header (the proxy answered it)."""
-    upstream = Recorder(lambda n: _ok(b"done"))
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    upstream = Recorder(lambda n: ok(b"done"))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(b"PUT /v1/a HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
     writer.write(b"e" * size)
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     await upstream.stop()
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert head.startswith(b"HTTP/1.1 200 ") and body == b"done"
     ((_, sent_head, got),) = upstream.requests
-    assert got == b"e" * size and b"expect" not in _fields(sent_head)
+    assert got == b"e" * size and b"expect" not in header_fields(sent_head)
 
 
 @pytest.mark.parametrize(
     ("method", "answer"),
     [
-        (b"GET", _ok(b"first")),
+        (b"GET", ok(b"first")),
         (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         (b"GET", b'HTTP/1.1 304 Not Modified\r\nETag: "1"\r\n\r\n'),
         (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
@@ -537,17 +454,17 @@ async def test_a_forged_response_sent_late_on_a_pooled_connection_reaches_no_one
             writer.write(forged)
             await writer.drain()
         else:
-            writer.write(_ok(b"real"))
+            writer.write(ok(b"real"))
             await writer.drain()
         await reader.read()
 
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
     reader, writer = await _open(port)
     writer.write(method + b" /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    await _response(reader, method)
+    await read_response(reader, method)
     await asyncio.sleep(0.3)  # the forged bytes arrive on the idle pooled connection
     writer.write(b"GET /v1/y HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert body == b"real" and b"forged" not in head
     assert connections == 2
@@ -586,10 +503,10 @@ async def test_a_response_head_that_could_split_is_a_502_without_the_token(aioht
     """A response with a head or framing the proxy cannot relay exactly is the proxy's JSON 502; no byte of
     it, and not the token, reaches the client."""
     upstream = Recorder(lambda n: answer)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, body = await _response(reader)
+    head, body = await read_response(reader)
     writer.close()
     await upstream.stop()
     token = _token_of(upstream.requests).split(b" ")[-1]
@@ -605,10 +522,10 @@ async def test_latin1_reason_and_chunked_trailers_are_relayed_exactly(aiohttp_se
         b"3;ext=1\r\nabc\r\n3\r\ndef\r\n0\r\nSet-Cookie: sid=trailer\r\n\r\n"
     )
     upstream = Recorder(lambda n: answer)
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    answers = [await _response(reader), await _response(reader)]
+    answers = [await read_response(reader), await read_response(reader)]
     writer.close()
     await upstream.stop()
     for head, body in answers:
@@ -627,20 +544,20 @@ async def test_an_early_200_during_an_upload_is_relayed_and_its_connection_not_r
         nonlocal connections
         connections += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        writer.write(_ok(b"early" if b"/v1/up" in head else b"next"))
+        writer.write(ok(b"early" if b"/v1/up" in head else b"next"))
         await writer.drain()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(reader.read(), 1.0)
 
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
     reader, writer = await _open(port)
     smuggled = b"GET /v1/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
     body = (smuggled * 200)[: LIMIT * 8]
     writer.write(b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body))
     writer.write(body[: LIMIT * 2])
-    first = await _response(reader)
+    first = await read_response(reader)
     writer.write(body[LIMIT * 2 :] + b"GET /v1/after HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    second = await _response(reader)
+    second = await read_response(reader)
     writer.close()
     assert (first[1], second[1]) == (b"early", b"next")
     assert connections == 2
@@ -662,7 +579,7 @@ async def test_a_client_that_hangs_up_mid_chunked_upload_never_completes_it_upst
         finally:
             done.set()
 
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
     _, writer = await _open(port)
     writer.write(b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
     writer.write(b"400\r\n" + b"p" * 1024 + b"\r\n")
@@ -684,7 +601,7 @@ async def test_an_http10_client_gets_a_close_delimited_body_by_the_close(raw_ser
         writer.write(b"part two")
         await writer.drain()
 
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
@@ -698,11 +615,11 @@ async def test_a_401_to_a_streamed_upload_is_relayed_not_retried(aiohttp_server,
     """A 401 to a body too large to replay goes back to the client as the upstream sent it; the upload is
     not sent twice and the token is not in what the client reads."""
     upstream = Recorder(lambda n: b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await upstream.start())
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await upstream.start())
     reader, writer = await _open(port)
     body = b"s" * (LIMIT * 4)
     writer.write(b"POST /v1/up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    head, got = await _response(reader)
+    head, got = await read_response(reader)
     writer.close()
     await upstream.stop()
     token = _token_of(upstream.requests).split(b" ")[-1]
@@ -728,7 +645,7 @@ async def test_a_broken_chunked_body_is_cut_never_completed(raw_server, aiohttp_
         await writer.drain()
         await reader.read()
 
-    _, port = await _proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, await raw_server(serve))
     reader, writer = await _open(port)
     writer.write(b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     got = await _read_all(reader, 1.0)
