@@ -1,9 +1,10 @@
 """The Dockerfile and docker-compose.yml, checked without a Docker engine.
 
-What can be checked here is checked for real: the image's ENTRYPOINT runs (the installed console
-script) with the image's ENV, and the image's HEALTHCHECK command runs exactly as written against
-it, healthy while it serves and failing once it is gone. The rest is read from the files: stages,
-base image, user, and that every variable they set is a configuration key.
+What the image gives a user is asserted from the file's own lines: a non-root user, the console script
+as the command in exec form (so SIGTERM reaches it), port 8360 exposed with the listener on every
+interface inside the container only, and a health check without curl. What can be run here is run: the
+ENTRYPOINT (the installed console script) with the image's ENV, and the HEALTHCHECK command exactly as
+written against it, healthy while it serves and failing once it is gone.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import shutil
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from proxy.config import ENV_CONFIG_PATH, ENV_PREFIX, SCHEMA, SECRET_KEYS, load_config
 from tests.fakes.servers import start_api, start_idp
@@ -33,98 +34,63 @@ BUILD_TOOLS = ("gcc", "g++", "build-essential", "make ", "clang", "python3-dev",
 STARTUP_TIMEOUT_S = 20.0
 
 
-# --- reading the Dockerfile ----------------------------------------------------------------------
+# --- the Dockerfile, line by line ----------------------------------------------------------------
 
 
-@dataclass
-class Stage:
-    base: str
-    name: str = ""
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for kw, args in self.instructions if kw == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"no {keyword} in the stage FROM {self.base}"
-        return found[-1]
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    """Stages and their instructions; continuation lines joined, comments dropped."""
-    logical: list[str] = []
-    pending = ""
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction: a line ending in a backslash continues on the next one, a
+    line starting with ``#`` is a comment (inside a continued instruction too). Nothing else is read."""
+    found: list[tuple[str, str]] = []
+    pending: list[str] = []
     for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):  # a comment, also inside a continued instruction
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1].rstrip() + " "
+        if line.endswith("\\"):
+            pending.append(line[:-1].strip())
             continue
-        pending += stripped
-        if pending.strip():
-            logical.append(pending.strip())
-        pending = ""
-    stages: list[Stage] = []
-    for line in logical:
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            words = args.split()
-            words = [w for w in words if not w.startswith("--")]
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else ""
-            stages.append(Stage(base=words[0], name=name))
-        else:
-            assert stages, f"{keyword} before the first FROM"
-            stages[-1].instructions.append((keyword, args))
-    return stages
+        keyword, _, args = " ".join([*pending, line]).partition(" ")
+        found.append((keyword.upper(), args.strip()))
+        pending = []
+    return found
 
 
-def exec_form(args: str) -> list[str]:
-    """A JSON-array (exec form) argument; the shell form runs under /bin/sh -c, as Docker does."""
-    if args.startswith("["):
-        value = json.loads(args)
-        assert isinstance(value, list) and all(isinstance(v, str) for v in value)
-        return value
-    return ["/bin/sh", "-c", args]
+ALL = instructions(DOCKERFILE.read_text())
+LAST_FROM = max(i for i, (keyword, _) in enumerate(ALL) if keyword == "FROM")
+BUILDER, FINAL = ALL[:LAST_FROM], ALL[LAST_FROM:]  # the final stage starts at its FROM
 
 
-def env_of(stage: Stage) -> dict[str, str]:
-    """ENV instructions of a stage, in both the ``KEY=value ...`` and the legacy ``KEY value`` forms."""
+def final(keyword: str) -> list[str]:
+    """The arguments of every ``keyword`` instruction in the final stage, in order."""
+    return [args for kw, args in FINAL if kw == keyword]
+
+
+def final_env() -> dict[str, str]:
+    """The final stage's ENV, written as ``KEY=value`` words (the legacy ``ENV KEY value`` fails here)."""
     env: dict[str, str] = {}
-    for args in stage.all("ENV"):
-        if "=" not in args.split()[0]:
-            key, _, value = args.partition(" ")
-            env[key] = value.strip()
-            continue
+    for args in final("ENV"):
         for word in shlex.split(args):
-            key, _, value = word.partition("=")
+            key, equals, value = word.partition("=")
+            assert equals, f"ENV {args!r}: write KEY=value"
             env[key] = value
     return env
 
 
-def healthcheck(stage: Stage) -> tuple[dict[str, str], list[str]]:
-    """The HEALTHCHECK's options and its command."""
-    args = stage.last("HEALTHCHECK")
-    options: dict[str, str] = {}
-    while args.startswith("--"):
-        option, _, args = args.partition(" ")
-        key, _, value = option[2:].partition("=")
-        options[key] = value
-        args = args.strip()
-    keyword, _, command = args.partition(" ")
-    assert keyword.upper() == "CMD", "HEALTHCHECK must run a command (not NONE)"
-    return options, exec_form(command.strip())
+def final_healthcheck() -> tuple[dict[str, str], list[str]]:
+    """The final stage's one HEALTHCHECK: its ``--option=value`` settings and its exec-form command."""
+    (args,) = final("HEALTHCHECK")
+    match = re.fullmatch(r"((?:--[a-z-]+=\S+ )*)CMD (\[.*\])", args)
+    assert match, f"HEALTHCHECK {args!r}: options, then CMD in exec form"
+    options = dict(option[2:].split("=", 1) for option in match.group(1).split())
+    return options, json.loads(match.group(2))
 
 
 def seconds(duration: str) -> float:
+    """A Docker duration such as ``30s`` or ``1m30s``."""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    total = 0.0
-    for number, unit in re.findall(r"([0-9.]+)(ms|s|m|h)", duration):
-        total += float(number) * units[unit]
-    assert total > 0, f"cannot read the duration {duration!r}"
-    return total
+    parts = re.findall(r"([0-9.]+)(ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"cannot read the duration {duration!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
 
 
 def is_config_variable(name: str) -> bool:
@@ -141,74 +107,63 @@ def is_config_variable(name: str) -> bool:
     return key.endswith("_file") and (section, key.removesuffix("_file")) in SECRET_KEYS
 
 
-FINAL = parse_dockerfile(DOCKERFILE.read_text())[-1]
+# --- what the image gives a user ---------------------------------------------------------------------
 
 
-def test_dockerfile_parser_reads_what_docker_reads():
-    """The little parser joins continuations and reads both ENV forms (so the checks below mean something)."""
-    stages = parse_dockerfile('FROM a AS b\n# c\nRUN x \\\n  # inside\n  y\nFROM b\nENV K=v L="two words"\nENV M n\n')
-    assert [(s.base, s.name) for s in stages] == [("a", "b"), ("b", "")]
-    assert stages[0].instructions == [("RUN", "x y")]
-    assert env_of(stages[1]) == {"K": "v", "L": "two words", "M": "n"}
-    assert exec_form("echo hi") == ["/bin/sh", "-c", "echo hi"]
+def test_runs_as_a_non_root_user_the_image_creates():
+    """The container runs as uid:gid 10001:10001, a system user the final stage creates (not root, not 0)."""
+    assert final("USER")[-1] == "10001:10001"
+    runs = " ".join(final("RUN"))
+    assert "groupadd --system --gid 10001 sidecar" in runs
+    assert "useradd --system --uid 10001 --gid 10001" in runs
 
 
-# --- the image, read ------------------------------------------------------------------------------
+def test_the_command_is_the_console_script_in_exec_form():
+    """`docker run IMAGE [ARGS]` runs `oauth-sidecar [ARGS]` as PID 1 (exec form: SIGTERM reaches it, not a
+    shell), from /etc/oauth-sidecar, where a mounted config.toml is found."""
+    assert final("ENTRYPOINT") == ['["oauth-sidecar"]']
+    assert final("CMD") == []  # arguments given to `docker run` go to oauth-sidecar as they are
+    assert final("STOPSIGNAL") == ["SIGTERM"]
+    assert final("WORKDIR")[-1] == "/etc/oauth-sidecar"
+
+
+def test_exposes_8360_listening_on_all_interfaces_inside_the_container_only():
+    """Port 8360 is exposed and the image sets listen.host to 0.0.0.0; the program's own default stays
+    127.0.0.1:8360. Every OAUTH_SIDECAR_* variable the image sets is a configuration key."""
+    assert final("EXPOSE") == ["8360"]
+    env = final_env()
+    assert env["OAUTH_SIDECAR_LISTEN_HOST"] == "0.0.0.0"
+    assert (SCHEMA["listen"]["host"][1], SCHEMA["listen"]["port"][1]) == ("127.0.0.1", 8360)
+    assert [k for k in env if k.startswith(ENV_PREFIX) and not is_config_variable(k)] == []
+
+
+def test_healthcheck_asks_healthy_with_the_images_own_python():
+    """The health check is the image's Python asking /-/healthy (no curl or wget in a slim image), every
+    30 s, giving up on an answer after 5 s, after 15 s to start and 3 failures."""
+    options, command = final_healthcheck()
+    assert options == {"interval": "30s", "timeout": "5s", "start-period": "15s", "retries": "3"}
+    assert seconds(options["timeout"]) < seconds(options["interval"])
+    assert command[:2] == ["python", "-c"] and len(command) == 3
+    assert "urllib.request" in command[2] and "/-/healthy" in command[2]
 
 
 def test_multi_stage_slim_with_the_wheel_built_in_the_builder():
-    """A builder stage builds the wheels; the final stage is a slim Python that installs them from it."""
-    stages = parse_dockerfile(DOCKERFILE.read_text())
-    assert len(stages) >= 2
-    builder = stages[0]
-    assert builder.name
-    assert any("pip wheel" in run or "-m build" in run for run in builder.all("RUN"))
-    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", FINAL.base)
-    installs = [run for run in FINAL.all("RUN") if "pip install" in run]
-    assert installs and all("--no-index" in run for run in installs)  # nothing fetched at this stage
-    assert any(f"from={builder.name}" in run for run in installs) or any(
-        f"--from={builder.name}" in copy for copy in FINAL.all("COPY")
-    )
+    """A builder stage builds the wheels; the final stage is a slim Python that installs them from it, offline."""
+    builder_from = [args for kw, args in BUILDER if kw == "FROM"]
+    assert builder_from and builder_from[0].endswith(" AS builder")
+    assert any("pip wheel" in args for kw, args in BUILDER if kw == "RUN")
+    (base,) = final("FROM")
+    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", base)
+    installs = [run for run in final("RUN") if "pip install" in run]
+    assert installs and all("--no-index" in run and "from=builder" in run for run in installs)
 
 
 def test_final_stage_has_no_build_tools():
     """Nothing in the final stage installs a compiler, headers, curl or wget."""
-    text = "\n".join(args for _, args in FINAL.instructions).lower()
+    text = "\n".join(args for _, args in FINAL).lower()
     assert "apt-get install" not in text and "apk add" not in text
     for tool in BUILD_TOOLS:
         assert tool not in text, tool
-
-
-def test_runs_as_a_non_root_user():
-    """USER is set in the final stage, before the entrypoint, and is neither root nor uid 0."""
-    user = FINAL.last("USER")
-    name, _, group = user.partition(":")
-    assert name not in ("root", "0", "")
-    assert group not in ("root", "0")
-    keywords = [kw for kw, _ in FINAL.instructions]
-    assert keywords.index("USER") < keywords.index("ENTRYPOINT")
-    if name.isdigit():  # the numeric id exists, so `ps` and file ownership make sense
-        assert any(f"--uid {name}" in run for run in FINAL.all("RUN"))
-
-
-def test_listens_on_all_interfaces_inside_the_container_only():
-    """The image sets listen.host to 0.0.0.0 and exposes 8360; the program's own default stays loopback."""
-    env = env_of(FINAL)
-    assert env["OAUTH_SIDECAR_LISTEN_HOST"] == "0.0.0.0"
-    assert SCHEMA["listen"]["host"][1] == "127.0.0.1"
-    assert SCHEMA["listen"]["port"][1] == 8360
-    assert "8360" in FINAL.last("EXPOSE").split()
-    assert all(is_config_variable(k) for k in env if k.startswith(ENV_PREFIX))
-
-
-def test_entrypoint_is_the_console_script_and_healthcheck_needs_no_curl():
-    """ENTRYPOINT is ["oauth-sidecar"] and the HEALTHCHECK asks /-/healthy with Python's urllib."""
-    assert exec_form(FINAL.last("ENTRYPOINT")) == ["oauth-sidecar"]
-    options, command = healthcheck(FINAL)
-    assert command[0] == "python"
-    assert "urllib" in " ".join(command) and "/-/healthy" in " ".join(command)
-    assert "curl" not in " ".join(command) and "wget" not in " ".join(command)
-    assert seconds(options["timeout"]) <= seconds(options["interval"])
 
 
 def test_dockerignore_keeps_local_config_and_secrets_out():
@@ -218,7 +173,7 @@ def test_dockerignore_keeps_local_config_and_secrets_out():
     assert patterns[0] in ("*", "**")
     included = {p[1:] for p in patterns if p.startswith("!")}
     assert {"pyproject.toml", "README.md"} <= included and "proxy" in {p.rstrip("/*") for p in included}
-    copied = " ".join(args for stage in parse_dockerfile(DOCKERFILE.read_text()) for args in stage.all("COPY"))
+    copied = " ".join(args for kw, args in ALL if kw == "COPY")
     assert "config.toml" not in included and "secrets" not in copied
 
 
@@ -266,7 +221,7 @@ async def test_entrypoint_and_healthcheck_against_a_real_process(aiohttp_server,
     search_path = _path_with_python()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(env_of(FINAL))
+    env.update(final_env())
     env.update(compose_env())
     env.update(
         {
@@ -282,15 +237,14 @@ async def test_entrypoint_and_healthcheck_against_a_real_process(aiohttp_server,
             "OAUTH_SIDECAR_ACCESS_API_KEY_FILE": str(tmp_path / "api_key"),
         }
     )
-    entrypoint = exec_form(FINAL.last("ENTRYPOINT"))
-    cmd = exec_form(FINAL.last("CMD")) if FINAL.all("CMD") else []
-    options, check = healthcheck(FINAL)
-    check_limit = seconds(options.get("timeout", "30s"))
+    (entrypoint_args,) = final("ENTRYPOINT")
+    entrypoint = json.loads(entrypoint_args)
+    options, check = final_healthcheck()
+    check_limit = seconds(options["timeout"])
 
     proc = await asyncio.create_subprocess_exec(
         _console_script(entrypoint[0], search_path),
         *entrypoint[1:],
-        *cmd,
         env=env,
         cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL,
@@ -341,65 +295,8 @@ def compose_text() -> str:
     return COMPOSE.read_text()
 
 
-def block_yaml(text: str) -> Any:
-    """The block-style YAML the compose file is written in: mappings, ``- `` lists, ``>-`` folded
-    scalars, ``[a, b]`` flow lists and quoted scalars. PyYAML is not a test dependency, and without a
-    reader the structure checks below would have nothing to check."""
-    rows: list[tuple[int, str]] = []
-    for line in text.splitlines():
-        content = re.sub(r"(^|\s)#.*$", "", line).rstrip()
-        if content.strip():
-            rows.append((len(content) - len(content.lstrip()), content.strip()))
-    pos = 0
-
-    def scalar(value: str) -> Any:
-        if value.startswith("[") and value.endswith("]"):
-            return [scalar(part.strip()) for part in value[1:-1].split(",") if part.strip()]
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            return value[1:-1]
-        return value
-
-    def value_after(value: str, indent: int) -> Any:
-        nonlocal pos
-        if value in (">", ">-", "|", "|-"):
-            folded = []
-            while pos < len(rows) and rows[pos][0] > indent:
-                folded.append(rows[pos][1])
-                pos += 1
-            return ("\n" if value.startswith("|") else " ").join(folded)
-        if value:
-            return scalar(value)
-        if pos < len(rows) and rows[pos][0] > indent:
-            return block(rows[pos][0])
-        return None
-
-    def block(indent: int) -> Any:
-        nonlocal pos
-        if rows[pos][1].startswith("- "):
-            items = []
-            while pos < len(rows) and rows[pos][0] == indent and rows[pos][1].startswith("- "):
-                pos += 1
-                items.append(value_after(rows[pos - 1][1][2:].strip(), indent))
-            return items
-        mapping: dict[str, Any] = {}
-        while pos < len(rows) and rows[pos][0] == indent:
-            key, colon, value = rows[pos][1].partition(":")
-            assert colon, f"not a block mapping entry: {rows[pos][1]!r}"
-            pos += 1
-            mapping[key.strip()] = value_after(value.strip(), indent)
-        return mapping
-
-    document = block(rows[0][0])
-    assert pos == len(rows), f"unread from: {rows[pos][1]!r}"
-    return document
-
-
 def compose_document() -> Any:
-    """docker-compose.yml, read by PyYAML when installed, else by block_yaml()."""
-    try:
-        import yaml
-    except ImportError:
-        return block_yaml(compose_text())
+    """docker-compose.yml as a YAML document."""
     return yaml.safe_load(compose_text())
 
 
@@ -409,31 +306,6 @@ def compose_env() -> dict[str, str]:
     if isinstance(env, list):  # the KEY=value list form
         env = dict(item.split("=", 1) for item in env)
     return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()}
-
-
-def test_compose_reader_reads_what_compose_reads():
-    """The little YAML reader gives what PyYAML gives for the forms the compose file uses (so the checks
-    below mean something without PyYAML)."""
-    text = (
-        "# a comment\nservices:\n  a:\n    build: .\n    cap_drop: [ALL]\n    stop_grace_period: 40s  # why\n"
-        "    environment:\n      K: \"v\"\n      L: 'w x'\n    secrets:\n      - s1\n      - s2\n"
-        "    command:\n      - >-\n        one two\n        three\n    depends_on:\n      b:\n"
-        "        condition: service_healthy\nsecrets:\n  s1:\n    file: ./s1\n"
-    )
-    assert block_yaml(text) == {
-        "services": {
-            "a": {
-                "build": ".",
-                "cap_drop": ["ALL"],
-                "stop_grace_period": "40s",
-                "environment": {"K": "v", "L": "w x"},
-                "secrets": ["s1", "s2"],
-                "command": ["one two three"],
-                "depends_on": {"b": {"condition": "service_healthy"}},
-            }
-        },
-        "secrets": {"s1": {"file": "./s1"}},
-    }
 
 
 def test_compose_file_structure():
@@ -469,7 +341,7 @@ def test_compose_environment_is_a_valid_configuration(tmp_path):
     assert "OAUTH_SIDECAR_ACCESS_API_KEY_FILE" in files
     assert "sidecar" in [h.strip() for h in env["OAUTH_SIDECAR_LISTEN_ALLOWED_HOSTS"].split(",")]
 
-    loaded = dict(env_of(FINAL))
+    loaded = final_env()
     for name, value in env.items():
         if name in files:
             secret = tmp_path / Path(value).name

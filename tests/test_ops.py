@@ -294,8 +294,7 @@ async def _run_check(config: Path) -> tuple[int, str, str]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await proc.wait(), out.decode(), err.decode()
 
 
 def _all_tokens(idp: DemoIdP) -> list[str]:
