@@ -93,6 +93,15 @@ def _get(target: bytes) -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target
 
 
+async def _renewal_failed(client: TestClient) -> None:
+    """Wait, bounded, until /-/status shows a failed token request."""
+    for _ in range(int(READ_S / 0.02)):
+        if (await (await client.get("/-/status")).json())["last_error"] is not None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the renewal did not end")
+
+
 # --- defects found in review ---------------------------------------------------------------------
 
 
@@ -113,10 +122,10 @@ async def test_client_giving_up_during_a_401_renewal_does_not_use_up_the_pool(ai
     config = keycloak_config(idp, await upstream(first_is_401), upstream={"pool_size": 1, "timeout_s": 2})
     client = await start_proxy(aiohttp_client, config)
     await client.server.app[TOKENS].get()  # the first login is done
-    idp.fail_next(Fault(status=503, delay_s=1.0))  # the renewal takes a second (and then fails)
+    idp.fail_next(Fault(status=503, delay_s=0.5))  # the renewal outlasts the client's patience (and then fails)
     with pytest.raises(TimeoutError):
-        await client.get("/first", timeout=aiohttp.ClientTimeout(total=0.3))
-    await asyncio.sleep(1.0)  # the renewal is over
+        await client.get("/first", timeout=aiohttp.ClientTimeout(total=0.2))
+    await _renewal_failed(client)  # the renewal is over
     for path in ("/second", "/third"):
         resp = await client.get(path)
         assert resp.status == 200, await resp.text()
@@ -374,13 +383,15 @@ async def test_post_after_the_upstreams_idle_timeout_is_sent_once(aiohttp_server
     """The upstream closes idle keep-alive connections sooner than the proxy's pool would: the next GET and POST
     succeed on a fresh connection, and the POST reaches the upstream exactly once."""
     seen: list[bytes] = []
+    closed = asyncio.Event()
 
     async def idle_close(reader, writer):
         while True:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.3)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.1)
             except TimeoutError:
-                return  # idle for 0.3 s: close
+                closed.set()
+                return  # idle for 0.1 s: close
             seen.append(head.split(b" ", 1)[0])
             await reader.readexactly(_length(head))
             writer.write(OK)
@@ -388,9 +399,11 @@ async def test_post_after_the_upstreams_idle_timeout_is_sent_once(aiohttp_server
 
     client = await _proxy(aiohttp_server, aiohttp_client, await upstream(idle_close))
     for method in ("GET", "GET", "POST"):
+        closed.clear()
         resp = await client.request(method, "/x", data=b"payload" if method == "POST" else None)
         assert (resp.status, await resp.read()) == (200, b"ok")
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(closed.wait(), READ_S)  # the upstream closed the idle connection...
+        await asyncio.sleep(0.05)  # ...and its close has reached the proxy's pool
     assert seen == [b"GET", b"GET", b"POST"]
 
 

@@ -171,11 +171,11 @@ async def _closed_by_server_within(reader: asyncio.StreamReader, seconds: float)
 async def test_idle_connections_and_unfinished_heads_are_closed_after_idle_timeout(aiohttp_server):
     """listen.idle_timeout_s: a client that never finishes its request head, or leaves a keep-alive
     connection idle, does not hold a connection slot for longer (aiohttp's own default is an hour)."""
-    async with _serving(aiohttp_server, idle_timeout_s=0.5) as port:
+    async with _serving(aiohttp_server, idle_timeout_s=0.3) as port:
         # Half a request head, then silence.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        assert not await _closed_by_server_within(reader, 0.2)  # not before its time
+        assert not await _closed_by_server_within(reader, 0.15)  # not before its time
         assert await _closed_by_server_within(reader, 5)
         writer.close()
 
@@ -194,13 +194,13 @@ async def test_a_request_under_way_is_not_cut_by_idle_timeout(aiohttp_server):
     """The idle timeout only applies between requests: a body arriving slowly, over several idle
     timeouts, is still forwarded whole and answered (listen.min_body_rate is off here: the trickle it
     refuses is tests/test_relay.py's)."""
-    async with _serving(aiohttp_server, idle_timeout_s=0.3, min_body_rate=0) as port:
+    async with _serving(aiohttp_server, idle_timeout_s=0.1, min_body_rate=0) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n"
         )
         for byte in b"slow":
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.1)  # a whole idle timeout between bytes
             writer.write(bytes([byte]))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 ")
@@ -385,11 +385,12 @@ async def test_a_client_that_hangs_up_while_waiting_for_the_pool_leaves_no_error
     """upstream.pool_size = 1, a slow request holding the only connection: a second client that hangs up
     while its request waits for that connection causes no ERROR line and no traceback, and the pool still
     serves the next request."""
-    slow_started = asyncio.Event()
+    slow_started, hung_up = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
         slow_started.set()
-        await asyncio.sleep(1.0)
+        await asyncio.wait_for(hung_up.wait(), 5)  # the only connection stays busy until the client is gone
+        await asyncio.sleep(0.2)  # and a while longer, for the proxy to see the hang-up while it waits
         return web.json_response({"slow": True})
 
     async def fast(request: web.Request) -> web.Response:
@@ -414,6 +415,7 @@ async def test_a_client_that_hangs_up_while_waiting_for_the_pool_leaves_no_error
         await writer.drain()
         await asyncio.sleep(0.2)  # queued behind /slow for the pool's only connection
         writer.close()  # and the client hangs up
+        hung_up.set()
 
         status, _, body, _ = await asyncio.wait_for(holder, 5)
         assert (status, json.loads(body)) == (200, {"slow": True})

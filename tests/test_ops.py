@@ -147,14 +147,14 @@ async def _refuses_connections(port: int, seconds: float = 5.0) -> bool:
 
 
 async def _slow_upstream(aiohttp_server: Any) -> tuple[str, asyncio.Event, asyncio.Event]:
-    """An upstream whose /slow answers only when the test releases it (after at least 2 s)."""
+    """An upstream whose /slow answers only when the test releases it (and at least 0.5 s after it arrived)."""
     arrived, release = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
         started = asyncio.get_running_loop().time()
         arrived.set()
         await asyncio.wait_for(release.wait(), 20)
-        await asyncio.sleep(max(0.0, 2.0 - (asyncio.get_running_loop().time() - started)))
+        await asyncio.sleep(max(0.0, 0.5 - (asyncio.get_running_loop().time() - started)))
         return web.Response(text="slow and complete")
 
     async def fast(request: web.Request) -> web.Response:
@@ -166,7 +166,6 @@ async def _slow_upstream(aiohttp_server: Any) -> tuple[str, asyncio.Event, async
     return await start_app(aiohttp_server, app), arrived, release
 
 
-@pytest.mark.slow
 async def test_sigterm_lets_a_slow_request_finish_then_ends_the_session(aiohttp_server, tmp_path):
     """SIGTERM during a slow request: new connections are refused at once, the request still gets its 200,
     the session is ended at the provider (revoke_on_shutdown), and the process exits 0."""
@@ -230,7 +229,7 @@ async def test_grace_period_bounds_the_wait(aiohttp_server, tmp_path):
     """A request still running when listen.shutdown_grace_s runs out is cut; the process still exits 0."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, arrived, release = await _slow_upstream(aiohttp_server)
-    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, grace=0.5))
+    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, grace=0.2))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
@@ -247,7 +246,7 @@ async def test_grace_period_bounds_the_wait(aiohttp_server, tmp_path):
     finally:
         release.set()
         await sidecar.kill()
-    assert sidecar.events("sidecar.stopping")[0]["grace_s"] == 0.5
+    assert sidecar.events("sidecar.stopping")[0]["grace_s"] == 0.2
 
 
 @pytest.mark.parametrize("revoke", [False, True])

@@ -114,7 +114,7 @@ level = "warning"
             await asyncio.wait_for(proc.wait(), 15)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="300 MiB through a real proxy process, its memory sampled")
 async def test_300mb_download_streams_in_bounded_memory(proxy_process):
     """A 300 MB download arrives whole while the proxy's RSS grows by less than 64 MB."""
     proc, base = proxy_process
@@ -131,7 +131,7 @@ async def test_300mb_download_streams_in_bounded_memory(proxy_process):
     assert peak - baseline < MAX_RSS_GROWTH, f"RSS grew by {(peak - baseline) / MiB:.1f} MiB"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="200 MiB through a real proxy process, its memory sampled")
 async def test_200mb_upload_streams_in_bounded_memory(proxy_process):
     """A 200 MB upload reaches the upstream intact while the proxy's RSS grows by less than 64 MB."""
     proc, base = proxy_process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -52,8 +53,18 @@ class RawServer:
         return head
 
 
-def pool_for(server: RawServer, limit: int = 4, timeout_s: float = 5.0) -> Pool:
-    return Pool(server.url, limit=limit, connect_timeout_s=2.0, timeout_s=timeout_s, ssl_context=None)
+def pool_for(server: RawServer, limit: int = 4, timeout_s: float = 5.0, **options: Any) -> Pool:
+    return Pool(server.url, limit=limit, connect_timeout_s=2.0, timeout_s=timeout_s, ssl_context=None, **options)
+
+
+class FakeClock:
+    """A clock that moves only when a test moves it (Pool's idle-reuse clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 async def read_all(exchange: Exchange) -> bytes:
@@ -182,31 +193,32 @@ async def test_a_post_is_not_sent_on_a_connection_the_upstream_said_it_would_hav
     """Keep-Alive: timeout=N is the upstream's promise to close an idle connection after N s. A request
     sent just as it does is lost, and a POST is never sent twice: past N - 1 s the pool opens a new
     connection. The upstream here keeps the socket open but drops what arrives after its timeout, the way
-    a close racing the request looks to the proxy."""
+    a close racing the request looks to the proxy. Pool and upstream share one fake clock: the waits are
+    the clock moved, not slept."""
     post = b"POST /x HTTP/1.1\r\nHost: upstream\r\nContent-Length: 0\r\n\r\n"
     hinted = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 5\r\n\r\nhello"
+    clock = FakeClock()
 
     def make(server: RawServer) -> Handler:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            loop = asyncio.get_running_loop()
             answered_at = None
             while True:
                 await server.read_request(reader)
-                if answered_at is not None and loop.time() - answered_at > 2.0:
+                if answered_at is not None and clock() - answered_at > 2.0:
                     return  # "closed" for idleness: the request is dropped unanswered
                 writer.write(hinted)
                 await writer.drain()
-                answered_at = loop.time()
+                answered_at = clock()
 
         return handler
 
     server = await serve(make)
-    pool = pool_for(server)
+    pool = pool_for(server, clock=clock)
     assert await read_all(await pool.request("GET", GET, None)) == b"hello"
-    await asyncio.sleep(0.1)
+    clock.now += 0.1
     assert await read_all(await pool.request("GET", GET, None)) == b"hello"  # well within: reused
     assert server.connections == 1
-    await asyncio.sleep(2.1)  # past the upstream's timeout, well within the pool's own 4 s
+    clock.now += 2.1  # past the upstream's timeout, well within the pool's own 4 s
     exchange = await pool.request("POST", post, None)
     assert (exchange.status, await read_all(exchange)) == (200, b"hello")
     assert server.connections == 2

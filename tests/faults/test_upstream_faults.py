@@ -65,7 +65,7 @@ async def test_slow_upstream_is_504_json(aiohttp_server, aiohttp_client):
         return web.Response()
 
     url = await start_app(aiohttp_server, app_with(sleepy))
-    client = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.5})
+    client = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.2})
     started = time.monotonic()
     detail = await _error(await client.get("/slow"), 504, "upstream_timeout")
     assert time.monotonic() - started < ANSWER_WITHIN_S
@@ -137,7 +137,7 @@ async def test_upstream_stalling_mid_body_is_cut_at_the_timeout(aiohttp_server, 
         return response
 
     url = await start_app(aiohttp_server, app_with(stalls))
-    client = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.5})
+    client = await _proxy(aiohttp_server, aiohttp_client, url, upstream={"timeout_s": 0.2})
     resp = await client.get("/stall")
     assert resp.status == 200
     with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
@@ -204,7 +204,7 @@ async def test_pool_size_bounds_upstream_connections(aiohttp_server, aiohttp_cli
         active += 1
         peak = max(peak, active)
         try:
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.05)
         finally:
             active -= 1
         return web.json_response({"path": request.path})
@@ -219,7 +219,7 @@ async def test_pool_size_bounds_upstream_connections(aiohttp_server, aiohttp_cli
 
 async def test_waiting_for_a_pooled_connection_is_bounded(aiohttp_server, aiohttp_client):
     """Requests queued behind a full pool get 504 at their own upstream.timeout_s, not one timeout after another."""
-    timeout_s = 1.5
+    timeout_s = 0.6
     release = asyncio.Event()
     arrived = []
 
@@ -236,7 +236,7 @@ async def test_waiting_for_a_pooled_connection_is_bounded(aiohttp_server, aiohtt
     elapsed = time.monotonic() - started
     for resp in responses:
         await _error(resp, 504, "upstream_timeout")
-    assert elapsed < 2.5 * timeout_s, f"queued requests waited {elapsed:.1f}s"  # three in a row would be 4.5 s
+    assert elapsed < 2.5 * timeout_s, f"queued requests waited {elapsed:.1f}s"  # three in a row would be 3 x timeout_s
     release.set()
     assert (await client.get("/quick")).status == 200  # the pool recovered
     assert arrived[-1] == "/quick"
