@@ -33,6 +33,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("auth", "client_secret"),
     ("auth", "refresh_token"),
     ("auth", "code"),
+    ("auth", "code_verifier"),
     ("access", "api_key"),
 )
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
@@ -77,6 +78,7 @@ class AuthConfig:
     password: str = field(default="", repr=False)
     refresh_token: str = field(default="", repr=False)
     code: str = field(default="", repr=False)
+    code_verifier: str = field(default="", repr=False)  # PKCE (RFC 7636): sent with the code exchange only
     redirect_uri: str = ""
     scope: str = ""
     body: str = "form"
@@ -508,6 +510,18 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     for name, value in auth["extra"].items():
         if not isinstance(value, str | int | float | bool):
             raise fail("auth", "extra", f"value of {name!r} must be a string or number")
+    if "code_verifier" in auth["extra"]:  # a PKCE verifier is a secret, sent with the code exchange only
+        if auth["code_verifier"]:
+            raise fail("auth", "extra", "give either auth.code_verifier or extra.code_verifier, not both")
+        auth["code_verifier"] = str(auth["extra"]["code_verifier"])
+        auth["extra"] = {k: v for k, v in auth["extra"].items() if k != "code_verifier"}
+    if auth["code_verifier"]:
+        if grant != "authorization_code":
+            raise fail("auth", "code_verifier", "is only sent with grant_type authorization_code")
+        verifier = auth["code_verifier"]
+        # RFC 7636 §4.1; the value itself is never quoted (a secret).
+        if not 43 <= len(verifier) <= 128 or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in verifier):
+            raise fail("auth", "code_verifier", "must be 43 to 128 characters of A-Z, a-z, 0-9, '-', '.', '_', '~'")
 
     needs = {
         "password": ("username", "password"),

@@ -7,7 +7,11 @@ Every failure leaves this module as one of two errors:
   lock the account.
 * :class:`TokenUnavailable`: unreachable, timeout, 5xx, 429, ``temporarily_unavailable`` with any status,
   or a response we cannot use (not JSON, no ``access_token``, a token type we cannot send, a token
-  that expired before its answer arrived). Worth retrying with backoff.
+  that expired before its answer arrived), or a 404 (or 3xx, 405, 410) that is no OAuth answer at all:
+  no token endpoint there, or not yet (a gateway during a deploy). Worth retrying with backoff.
+
+This module keeps no state that steers renewals: what to send next is decided in ``state.py`` and
+asked for by ``tokens.py`` (:meth:`IdentityProvider.login` always sends the configured grant).
 
 Nothing raised here carries a credential: messages are built from status codes, the provider's
 ``error`` / ``error_description`` and our own words.
@@ -22,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -31,6 +35,7 @@ import jwt
 from .config import AuthConfig, InjectConfig, check_url
 from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
+from .providers import PRESETS
 from .state import Token, token_clock
 
 TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
@@ -47,13 +52,18 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 END_SESSION_TIMEOUT_S = 5.0
 SUPPORTED_TOKEN_TYPES = {"bearer"}
 # Token request fields whose values are secrets (auth_string: base64 of username:password).
-SECRET_FIELDS = ("password", "refresh_token", "code", "auth_string", "client_secret")
+SECRET_FIELDS = ("password", "refresh_token", "code", "code_verifier", "auth_string", "client_secret")
+# Statuses that, without an OAuth error in the body, say "no token endpoint here": the URL is wrong (or the
+# provider is not serving it yet). The credentials never reached a check, so retrying soon locks nothing.
+NOT_AN_ENDPOINT_STATUSES = {404, 405, 410}
+# What a session-ending call answers on success: Keycloak's logout endpoint 204 No Content (LogoutEndpoint:
+# also for a session already gone); RFC 7009 §2.2 revocation 200, for an unknown token too. Anything else,
+# e.g. the 200 HTML page of an OpenID Provider's end_session_endpoint (a browser endpoint), ended nothing.
+LOGOUT_SUCCESS = 204
+REVOKE_SUCCESS = 200
 # A lifetime longer than this (a provider's "never expires" as 1e300) is cut to it, so expiry times stay
 # finite and printable; the token is then renewed once a year, which costs nothing.
 MAX_LIFETIME_S = 365 * 24 * 3600.0
-# The OAuth error a provider answers to a grant it does not implement (RFC 6749 §5.2). After a refresh gets
-# it, refresh tokens are dropped and renewals log in directly (WebCommander documents no refresh grant).
-UNSUPPORTED_GRANT = "unsupported_grant_type"
 # The refresh token's lifetime in seconds: Keycloak's name (OLI's sample response, seed 003 line 33), then the
 # name in OLI's own field table (line 51), which other providers use too.
 REFRESH_EXPIRY_FIELDS = ("refresh_expires_in", "refresh_token_expires_in")
@@ -93,39 +103,30 @@ class IdentityProvider:
         self._clock = clock
         self._wall = wall_clock
         self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
+        self.grant_type = auth.grant_type
+        preset = PRESETS.get(auth.provider)
+        # Keycloak's logout endpoint (POST refresh_token, 204) only for the presets that speak Keycloak, or
+        # where the user named one: elsewhere discovery's end_session_endpoint is a browser page.
+        self._keycloak = preset is not None and preset.keycloak
         self._endpoints: Endpoints | None = None
         if auth.token_url:
             self._endpoints = Endpoints(auth.token_url, auth.logout_url, auth.revoke_url)
-        # authorization_code: the code is spent once the provider has answered to it (RFC 6749 §4.1.2:
-        # a code used twice makes the provider revoke the tokens issued for it), so it is never re-sent.
-        self.code_used = False
-        # The provider answered unsupported_grant_type to a refresh: renew by logging in from then on.
-        self.refresh_unsupported = False
-        # The newest token obtained. With a grant that cannot be repeated (refresh_token, a spent code), logging
-        # in again means refreshing with its refresh token, never with the configured one: a rotating provider
-        # revoked that at the first refresh.
-        self._newest: Token | None = None
 
     # --- grants ----------------------------------------------------------------------------------
 
     async def login(self) -> Token:
-        """Obtain a token with the configured grant."""
+        """Obtain a token with the configured grant (whether to, and when, is ``state.py``'s decision:
+        an authorization code is sent once, RFC 6749 §4.1.2)."""
         a = self._auth
         fields: dict[str, str] = {"grant_type": a.grant_type}
         if a.grant_type == "password":
             fields.update(username=a.username, password=a.password)
         elif a.grant_type == "refresh_token":
-            fields["refresh_token"] = self._live_refresh_token() or a.refresh_token
+            fields["refresh_token"] = a.refresh_token
         elif a.grant_type == "authorization_code":
-            if self.code_used and self._newest is not None and self._live_refresh_token():
-                return await self.refresh(self._newest)
-            if self.code_used:
-                why = (
-                    "the authorization code (auth.code) was already sent once and is never sent twice, and no "
-                    "refresh token is left to renew with: get a new code, set auth.code and restart"
-                )
-                raise TokenRejected("code_already_used", why, 400, detail=why)
             fields["code"] = a.code
+            if a.code_verifier:  # PKCE (RFC 7636 §4.5): with the code exchange, and nowhere else
+                fields["code_verifier"] = a.code_verifier
         if a.auth_string:
             fields["auth_string"] = base64.b64encode(f"{a.username}:{a.password}".encode()).decode()
             fields.pop("username", None)
@@ -134,27 +135,9 @@ class IdentityProvider:
             fields["redirect_uri"] = a.redirect_uri
         if a.scope:
             fields["scope"] = a.scope
-        if a.grant_type == "refresh_token":
-            # RFC 6749 §6: a response without a new refresh token leaves the one sent valid.
-            try:
-                return await self._grant("login", fields, previous_refresh=fields["refresh_token"])
-            except TokenRejected:
-                self._forget_refresh_token(fields["refresh_token"])
-                raise
-        if a.grant_type != "authorization_code":
-            return await self._grant("login", fields, previous_refresh=None)
-        try:
-            token = await self._grant("login", fields, previous_refresh=None)
-        except TokenRejected:
-            self.code_used = True
-            raise
-        except TokenUnavailable as exc:
-            # A 200 we could not use still spent the code; "try later" answers and lost requests did not.
-            if exc.reason in ("invalid_response", "expired_on_arrival"):
-                self.code_used = True
-            raise
-        self.code_used = True
-        return token
+        # RFC 6749 §6: a response without a new refresh token leaves the one sent valid.
+        previous = fields["refresh_token"] if a.grant_type == "refresh_token" else None
+        return await self._grant("login", fields, previous_refresh=previous)
 
     async def refresh(self, current: Token) -> Token:
         """Exchange ``current.refresh_token`` for a new token (the refresh token may rotate)."""
@@ -163,44 +146,75 @@ class IdentityProvider:
         fields = {"grant_type": "refresh_token", "refresh_token": current.refresh_token}
         if self._auth.scope:
             fields["scope"] = self._auth.scope
-        try:
-            return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
-        except TokenRejected as exc:
-            self._forget_refresh_token(current.refresh_token)
-            if exc.error == UNSUPPORTED_GRANT and not self.refresh_unsupported:
-                self.refresh_unsupported = True
-                event("idp.refresh_unsupported", description=exc.description, next="log in to renew from now on")
-            raise
-
-    def _live_refresh_token(self) -> str | None:
-        """The newest refresh token, while the provider has not refused it and it has not expired."""
-        newest = self._newest
-        if newest is None or not newest.can_refresh(self._clock()):
-            return None
-        return newest.refresh_token
-
-    def _forget_refresh_token(self, refused: str | None) -> None:
-        if self._newest is not None and self._newest.refresh_token == refused:
-            self._newest = None
+        return await self._grant("refresh", fields, previous_refresh=current.refresh_token)
 
     async def end_session(self, token: Token) -> str:
-        """End the session at the provider: Keycloak logout, else RFC 7009 revocation.
+        """End the session of ``token`` at the provider: Keycloak's logout endpoint (the Keycloak presets,
+        or an explicit ``auth.logout_url``), else RFC 7009 revocation of its refresh token (else of the
+        access token) with ``token_type_hint``.
 
-        Returns what was done (``logout``, ``revoke``, or ``none`` when the provider offers neither).
+        Returns what was done (``logout``, ``revoke``, or ``none`` when the provider offers neither);
+        an answer other than the endpoint's documented success raises, so it is never taken for one.
         """
         endpoints = await self.endpoints()
         if endpoints.logout and token.refresh_token:
-            url, fields, how = endpoints.logout, {"refresh_token": token.refresh_token}, "logout"
+            url, fields, how, success = (
+                endpoints.logout,
+                {"refresh_token": token.refresh_token},
+                "logout",
+                LOGOUT_SUCCESS,
+            )
         elif endpoints.revoke:
             value = token.refresh_token or token.access_token
             hint = "refresh_token" if token.refresh_token else "access_token"
             url, fields, how = endpoints.revoke, {"token": value, "token_type_hint": hint}, "revoke"
+            success = REVOKE_SUCCESS
         else:
             return "none"
-        reply = await self._post(url, fields, form_only=True)
-        if reply.status >= 400:
-            raise TokenRejected(f"http_{reply.status}", f"{how} endpoint answered {reply.status}", reply.status)
+        try:
+            reply = await self._post(url, fields, form_only=True)
+        except (TokenRejected, TokenUnavailable) as exc:
+            _mask_secrets(exc, Redactor([value for value in fields.values()] + self._secrets()))
+            raise
+        if reply.status != success:
+            raise TokenRejected(
+                f"http_{reply.status}",
+                f"{how} endpoint {url} answered {reply.status} with {_describe_body(reply)}, not {success}",
+                reply.status,
+            )
         return how
+
+    def rejection_keys(self, error: str) -> tuple[str, ...]:
+        """The [auth] keys a refusal with OAuth ``error`` points at: only those the configured grant uses."""
+        a = self._auth
+        client = ["auth.client_id"]
+        if a.client_secret or a.grant_type == "client_credentials":
+            client.append("auth.client_secret")
+        if error.startswith("http_"):  # not an OAuth answer: the URL, not the credentials
+            return ("auth.token_url" if a.token_url else "auth.issuer",)
+        if error in ("invalid_client", "unauthorized_client"):
+            return tuple(client)
+        if error == "invalid_scope":
+            return ("auth.scope",)
+        if error == "unsupported_grant_type":
+            return ("auth.grant_type",)
+        if error == "code_already_used":
+            return ("auth.code",)
+        grant = {
+            "password": ["auth.username", "auth.password"],
+            "client_credentials": [],
+            "refresh_token": ["auth.refresh_token"],
+            "authorization_code": ["auth.code"]
+            + (["auth.redirect_uri"] if a.redirect_uri else [])
+            + (["auth.code_verifier"] if a.code_verifier else []),
+        }[a.grant_type]
+        if a.auth_string:
+            grant += ["auth.username", "auth.password"]
+        return tuple(dict.fromkeys(client + grant))
+
+    def _secrets(self) -> list[str]:
+        a = self._auth
+        return [a.client_secret, a.password, a.refresh_token, a.code, a.code_verifier]
 
     # --- endpoints -------------------------------------------------------------------------------
 
@@ -228,9 +242,10 @@ class IdentityProvider:
             raise TokenUnavailable(
                 f"OpenID discovery at {url} gave no usable token_endpoint", reason="discovery_failed"
             )
+        end_session = _url_or_empty(doc.get("end_session_endpoint")) if self._keycloak else ""
         found = Endpoints(
             token=token_url,
-            logout=self._auth.logout_url or _url_or_empty(doc.get("end_session_endpoint")),
+            logout=self._auth.logout_url or end_session,
             revoke=self._auth.revoke_url or _url_or_empty(doc.get("revocation_endpoint")),
         )
         event("idp.discovered", issuer=issuer, token_endpoint=token_url)
@@ -246,7 +261,7 @@ class IdentityProvider:
             asked_at, asked_wall = self._clock(), self._wall()
             reply = await self._post(endpoints.token, fields)
             if reply.status >= 300:
-                raise _error_from_response(reply)
+                raise _error_from_response(reply, url=endpoints.token)
             token = self._parse_token(reply, asked_at, asked_wall, previous_refresh)
             if token.usable_until <= self._clock():
                 raise TokenUnavailable(
@@ -254,11 +269,10 @@ class IdentityProvider:
                     f"after {token.lifetime:g}s",
                     reason="expired_on_arrival",
                 )
-            self._newest = token
             return token
         except (TokenRejected, TokenUnavailable) as exc:
             # A provider may echo what it was sent; its words end up in /-/ready, /-/status and 503 bodies.
-            sent = [fields.get(k, "") for k in SECRET_FIELDS] + [self._auth.client_secret, self._auth.password]
+            sent = [fields.get(k, "") for k in SECRET_FIELDS] + self._secrets()
             _mask_secrets(exc, Redactor(sent))
             raise
 
@@ -339,8 +353,6 @@ class IdentityProvider:
         refresh = body.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
             refresh = previous_refresh  # RFC 6749 §6: no new refresh token means keep the old one
-        if self.refresh_unsupported:
-            refresh = None
         refresh_expires_at = None
         refresh_in = _number(next((body[k] for k in REFRESH_EXPIRY_FIELDS if body.get(k) is not None), None))
         if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
@@ -384,7 +396,11 @@ class IdentityProvider:
         return min(min(found, default=self._auth.default_lifetime_s), MAX_LIFETIME_S)
 
 
-async def try_end_session(idp: IdentityProvider, token: Token) -> tuple[bool, str]:
+class SessionEnder(Protocol):
+    async def end_session(self, token: Token) -> str: ...
+
+
+async def try_end_session(idp: SessionEnder, token: Token) -> tuple[bool, str]:
     """``idp.end_session`` bounded by ``END_SESSION_TIMEOUT_S``, for shutdown and ``--check``:
     ``(True, what was done)`` or ``(False, why not)``; never raises."""
     try:
@@ -470,7 +486,9 @@ def _describe_body(reply: Reply) -> str:
     return f"a JSON {kinds.get(type(body), 'number')}"
 
 
-def _error_from_response(reply: Reply, retry_after: float | None = None) -> Exception:
+def _error_from_response(reply: Reply, retry_after: float | None = None, url: str = "") -> Exception:
+    """The error for a token endpoint's non-2xx answer (or a 200 carrying an OAuth error); ``url``, the
+    endpoint's, is named when the answer is no OAuth answer at all (a URL holds no secret: config.check_url)."""
     status, body = reply.status, reply.body
     error = description = ""
     if isinstance(body, dict):
@@ -491,10 +509,16 @@ def _error_from_response(reply: Reply, retry_after: float | None = None) -> Exce
             f"token endpoint answered {status} ({shown})", retry_after=retry_after, reason="server_error"
         )
     if not error:
+        where = f"token endpoint {url}" if url else "token endpoint"
+        if status in NOT_AN_ENDPOINT_STATUSES or status < 400:
+            return TokenUnavailable(
+                f"{where} answered {status} with {_describe_body(reply)}, not an OAuth answer: is auth.token_url "
+                "(or auth.issuer) right?",
+                reason="not_a_token_endpoint",
+            )
         error = f"http_{status}"
-        description = description or f"token endpoint answered {status} with {_describe_body(reply)}"
-        if isinstance(body, dict):
-            description += " without an OAuth error"
+        description = description or f"{where} answered {status} with {_describe_body(reply)}"
+        description += " without an OAuth error" if isinstance(body, dict) else ", not an OAuth answer"
     return TokenRejected(error, description, status)
 
 

@@ -11,27 +11,39 @@ expired during the night.
 
 What the token manager is doing is its :class:`Phase`. It moves only through :data:`TRANSITIONS`,
 driven by :class:`Event`\\ s; an event that is not in the table for the current phase is a bug and
-raises :class:`IllegalTransition`. Everything that decides *what to do next* lives here:
+raises :class:`IllegalTransition`.
 
-* :func:`choose_renewal` picks a refresh or a fresh login;
-* a rejected refresh falls back to a login (a row in the table, not an ``except`` clause);
-* a transient failure backs off with :func:`transient_backoff` (exponential, jittered, capped,
-  honouring ``Retry-After``); a rejected login backs off with :func:`rejected_backoff`, which is
-  minutes long because identity providers lock accounts after a few wrong passwords.
+Everything that decides *what to do next* is a :class:`Lifecycle` value, changed only by the pure
+``on_*`` functions below, which take the clock reading (and a random number) as arguments:
 
-``tokens.py`` performs the I/O and feeds the outcomes back in as events.
+* :func:`choose_renewal`: **refresh first**. A refresh while the refresh token lives and the access
+  token can still be sent, whatever failed before; a login only when the refresh was refused, the
+  refresh token expired, or the access token can no longer be sent and the last refresh failed (every
+  login opens a new session at the provider; Keycloak keeps an ``offline_access`` one 30 days). A
+  login that replaces a session whose refresh token was still alive hands that old token back from
+  :func:`on_granted`, to be ended.
+* logins are spaced by :data:`MIN_LOGIN_INTERVAL_S` (:func:`login_wait`): Keycloak locks an account
+  for a minute when two logins fail within a second, and a locked account answers like a wrong password.
+* :func:`on_failed` schedules the retry after a transient failure with :func:`retry_delay`, which
+  fits the retries into what is left of the held token, and without a token keeps them seconds
+  apart until the outage itself grows long; :func:`on_rejected` waits minutes after refused credentials.
+* :func:`on_upstream_rejected` decides whether an upstream 401 is worth a renewal, by evidence: a
+  token the upstream accepted (:func:`on_accepted`) and now rejects is renewed at once; one it never
+  accepted only a few times, then rarely (a path that always answers 401 is not a revoked token).
+
+``tokens.py`` performs the I/O and feeds the outcomes back in.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-# Never send a token this close to its expiry: the request still has to reach the upstream. Capped at
-# a tenth of the lifetime, so a 4-second test token is not "expired" on arrival.
 # Linux's CLOCK_BOOTTIME and macOS's CLOCK_MONOTONIC count the time the machine was asleep; Python's
 # time.monotonic() does not (CLOCK_MONOTONIC on Linux, mach_absolute_time on macOS). Elsewhere, monotonic.
 _SLEEP_AWARE_CLOCK = {"linux": "CLOCK_BOOTTIME", "darwin": "CLOCK_MONOTONIC"}.get(sys.platform)
@@ -43,6 +55,8 @@ def token_clock() -> float:
     return time.clock_gettime(_CLOCK_ID) if _CLOCK_ID is not None else time.monotonic()
 
 
+# Never send a token this close to its expiry: the request still has to reach the upstream. Capped at
+# a tenth of the lifetime, so a 4-second test token is not "expired" on arrival.
 EXPIRY_SKEW_S = 5.0
 # A refresh token this close to its own expiry is not worth sending (Keycloak checks `exp` first and
 # answers "Token is not active"); log in instead.
@@ -53,19 +67,61 @@ MAX_MARGIN_FRACTION = 0.5
 # ... and never later than two expiry skews before expiry: a margin shorter than the skew (0 s, 1 s)
 # would schedule the refresh after the token already stopped being sent, and requests would wait.
 MIN_MARGIN_SKEWS = 2.0
-# After this many transient refresh failures in a row, try a fresh login instead (a refresh that keeps
-# failing with 5xx may be a refresh token the provider chokes on, e.g. Keycloak's lock timeout).
-MAX_REFRESH_FAILURES = 2
 
-# Transient failures (unreachable, 5xx, 429, garbage): 1 s, 2 s, 4 s ... capped at 60 s, jittered.
+# Grants that can be sent again to open a new session. The others cannot: a configured refresh token
+# was rotated away by the first refresh, an authorization code is spent once answered; with those a
+# renewal is a refresh with the newest refresh token for as long as one lives.
+REPEATABLE_GRANTS = ("password", "client_credentials")
+
+# --- retries after a transient failure (unreachable, 5xx, 429, garbage) ---------------------------
+# While a usable token is held: 1 s, 2 s, 4 s ... jittered, but never one wait longer than a third of
+# what is left of the token, so several attempts fit before it stops being sent (a 3 s token refreshed
+# 1.5 s before expiry has 1.2 s left: about five attempts, not one), and never faster than the floor.
 TRANSIENT_BACKOFF_BASE_S = 1.0
+HELD_RETRY_FRACTION = 1 / 3
+RETRY_FLOOR_S = 0.25
+# Without a usable token requests are failing: retry a few seconds apart (jittered upwards, never
+# sooner), the spacing growing with the outage, a sixth of its length, so a provider down for good is
+# asked about every 10 s after a minute and once a minute (the cap) after six.
+NO_TOKEN_RETRY_S = 2.0
+OUTAGE_STRETCH = 1 / 6
+RETRY_JITTER = 0.5
 TRANSIENT_BACKOFF_CAP_S = 60.0
 # A Retry-After from the provider is honoured up to this long.
 RETRY_AFTER_CAP_S = 600.0
+# A login whose answer was a 200 we could not use, or a token dead on arrival, still spent a one-time code.
+CODE_SPENDING_FAILURES = ("invalid_response", "expired_on_arrival")
+
+# --- logins ---------------------------------------------------------------------------------------
+# Keycloak's brute-force detection counts a failure within quickLoginCheckMilliSeconds (1000) of the
+# previous one as a "quick login" and locks the account for minQuickLoginWaitSeconds (60), after which
+# even the right password is answered "Invalid user credentials". Never two logins closer than this,
+# measured from the end of the previous one.
+MIN_LOGIN_INTERVAL_S = 1.0
 # Rejected logins: 1 min, 2 min, 4 min ... capped at 1 h. Keycloak's brute-force detection locks an
 # account after 30 failures by default; at this pace that takes more than a day.
 REJECTED_BACKOFF_BASE_S = 60.0
 REJECTED_BACKOFF_CAP_S = 3600.0
+
+# --- upstream 401s ----------------------------------------------------------------------------------
+# Three kinds of evidence, three budgets, each refilled or reset over time:
+# * a token the upstream accepted and now rejects was revoked: renewed at once, however soon after the last
+#   renewal. Still bounded (an upstream rejecting the token on one path while accepting it on others would
+#   otherwise turn every request to that path into a token request): EVIDENCE_BURST at once, one more
+#   every EVIDENCE_REFILL_S.
+# * a token the upstream never saw accepted, obtained on schedule or by a login: FRESH_BURST, refilled likewise
+#   (a revoke right after a scheduled refresh, before any request).
+# * a token that a 401-triggered renewal just obtained, rejected before it was ever accepted: the renewal did
+#   not help, the upstream rejects something else. 1 min, 2 min, 4 min ... capped at an hour between such
+#   renewals; the streak ends when a token is accepted, or after two quiet hours. A path that always answers
+#   401 costs about six token requests in its first hour, then one.
+EVIDENCE_BURST = 5.0
+EVIDENCE_REFILL_S = 600.0
+FRESH_BURST = 3.0
+FRESH_REFILL_S = 600.0
+FUTILE_SPACING_S = 60.0
+FUTILE_CAP_S = 3600.0
+FUTILE_RESET_S = 2 * FUTILE_CAP_S
 
 
 class Health(enum.Enum):
@@ -109,7 +165,8 @@ TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
         Event.REFRESH: Phase.REFRESHING,
         Event.STOP: Phase.STOPPED,
     },
-    Phase.REJECTED: {Event.LOGIN: Phase.LOGGING_IN, Event.STOP: Phase.STOPPED},
+    # Refused credentials: the next attempt may be a refresh when the session's refresh token still lives.
+    Phase.REJECTED: {Event.LOGIN: Phase.LOGGING_IN, Event.REFRESH: Phase.REFRESHING, Event.STOP: Phase.STOPPED},
     Phase.LOGGING_IN: {
         Event.GRANTED: Phase.HOLDING,
         Event.REJECTED: Phase.REJECTED,
@@ -209,18 +266,11 @@ class Token:
         return self.refresh_expires_at is None or now < self.refresh_expires_at - REFRESH_TOKEN_SKEW_S
 
 
-def choose_renewal(token: Token | None, now: float, refresh_failures: int) -> Event:
-    """Refresh when a live refresh token is held and refreshing has not kept failing; else log in."""
-    if token is not None and token.can_refresh(now) and refresh_failures < MAX_REFRESH_FAILURES:
-        return Event.REFRESH
-    return Event.LOGIN
-
-
 def transient_backoff(attempt: int, rand: float, retry_after: float | None = None) -> float:
-    """Delay before retry number ``attempt`` (0-based) after a transient failure.
+    """Exponential delay before retry number ``attempt`` (0-based): 1 s, 2 s, 4 s ... capped.
 
-    Exponential with "equal jitter" (half fixed, half random, ``rand`` in [0, 1)), capped; a
-    provider's Retry-After is a floor, itself capped.
+    "Equal jitter" (half fixed, half random, ``rand`` in [0, 1)); a provider's Retry-After is a floor,
+    itself capped. :func:`retry_delay` fits it to the held token.
     """
     ceiling = min(TRANSIENT_BACKOFF_CAP_S, TRANSIENT_BACKOFF_BASE_S * 2 ** min(attempt, 16))
     delay = ceiling / 2 + rand * ceiling / 2
@@ -233,3 +283,237 @@ def rejected_backoff(attempt: int, rand: float) -> float:
     """Delay before logging in again after the provider refused the credentials ``attempt + 1`` times."""
     ceiling = min(REJECTED_BACKOFF_CAP_S, REJECTED_BACKOFF_BASE_S * 2 ** min(attempt, 16))
     return ceiling * (0.9 + 0.1 * rand)
+
+
+TransientPolicy = Callable[..., float]  # (attempt, rand, retry_after) -> seconds: a test's override
+RejectedPolicy = Callable[[int, float], float]
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """Everything that steers renewals: the phase, the token, and what the provider and upstream did.
+
+    Changed only by the functions below; ``tokens.py`` keeps the current value and replaces it.
+    """
+
+    grant_type: str = "password"
+    phase: Phase = Phase.IDLE
+    token: Token | None = field(default=None, repr=False)
+    accepted: bool = False  # the upstream answered something other than 401 to the current token
+    refresh_refused: bool = False  # the provider refused the current token's refresh token
+    refresh_unsupported: bool = False  # the provider answered unsupported_grant_type to a refresh: never again
+    code_spent: bool = False  # authorization_code: the code was answered once and is never sent again
+    last_attempt: str = ""  # login | refresh: what failed last since the last grant
+    transient_failures: int = 0  # in a row, since the last grant
+    rejections: int = 0  # refused logins in a row
+    failing_since: float | None = None  # the first failure since the last grant
+    retry_at: float = 0.0  # BACKING_OFF / REJECTED: when the next attempt is due
+    login_ended_at: float = -math.inf  # when the last login attempt was answered
+    from_401: bool = False  # the current token was obtained by a renewal an upstream 401 asked for
+    evidence_budget: float = EVIDENCE_BURST  # renewals left for 401s on accepted tokens, as of evidence_at
+    evidence_at: float = -math.inf
+    fresh_budget: float = FRESH_BURST  # ... on never-accepted tokens obtained otherwise, as of fresh_at
+    fresh_at: float = -math.inf
+    futile_renewals: int = 0  # 401 renewals of never-accepted tokens a 401 renewal had obtained, in a row
+    renewed_401_at: float = -math.inf  # the last 401-triggered renewal
+
+
+def usable(lc: Lifecycle, now: float) -> Token | None:
+    """The held token if it may be sent at ``now``."""
+    token = lc.token
+    return token if token is not None and now < token.usable_until else None
+
+
+def live_refresh(lc: Lifecycle, now: float) -> Token | None:
+    """The held token if its refresh token may be sent: held, not refused, not (nearly) expired."""
+    token = lc.token
+    if token is None or lc.refresh_refused or lc.refresh_unsupported or not token.can_refresh(now):
+        return None
+    return token
+
+
+def choose_renewal(lc: Lifecycle, now: float) -> Event:
+    """Refresh first: while the refresh token lives, unless the access token can no longer be sent and
+    the last attempt was a refresh that failed (then a login may work where the refresh does not). A
+    grant that cannot be repeated renews by refresh for as long as a refresh token lives."""
+    if live_refresh(lc, now) is None:
+        return Event.LOGIN
+    if lc.grant_type not in REPEATABLE_GRANTS:
+        return Event.REFRESH
+    if usable(lc, now) is None and lc.last_attempt == "refresh":
+        return Event.LOGIN
+    return Event.REFRESH
+
+
+def login_blocked(lc: Lifecycle) -> bool:
+    """No login is possible: the one-time authorization code was already answered."""
+    return lc.grant_type == "authorization_code" and lc.code_spent
+
+
+def login_wait(lc: Lifecycle, now: float) -> float:
+    """Seconds to wait before a login may be sent (MIN_LOGIN_INTERVAL_S after the previous one)."""
+    return max(0.0, lc.login_ended_at + MIN_LOGIN_INTERVAL_S - now)
+
+
+def on_started(lc: Lifecycle, event: Event) -> Lifecycle:
+    """A renewal (``Event.LOGIN`` or ``Event.REFRESH``) begins."""
+    return replace(lc, phase=transition(lc.phase, event))
+
+
+def on_granted(
+    lc: Lifecycle, kind: str, token: Token, now: float, *, for_401: bool = False
+) -> tuple[Lifecycle, Token | None]:
+    """The provider issued ``token`` to a ``kind`` (login | refresh) request answered at ``now``;
+    ``for_401``: the renewal was asked for by an upstream 401.
+
+    Returns the new value and, when a login replaced a session whose refresh token was still alive,
+    the old token, whose session should be ended so that sessions do not pile up at the provider.
+    """
+    replaced = None
+    old = live_refresh(lc, now)
+    if kind == "login" and old is not None and old.refresh_token != token.refresh_token:
+        replaced = old
+    new = replace(
+        lc,
+        phase=transition(lc.phase, Event.GRANTED),
+        token=token,
+        accepted=False,
+        from_401=for_401,
+        refresh_refused=False,
+        code_spent=lc.code_spent or (kind == "login" and lc.grant_type == "authorization_code"),
+        last_attempt="",
+        transient_failures=0,
+        rejections=0,
+        failing_since=None,
+        retry_at=0.0,
+        login_ended_at=now if kind == "login" else lc.login_ended_at,
+    )
+    return new, replaced
+
+
+def on_rejected(
+    lc: Lifecycle,
+    kind: str,
+    now: float,
+    rand: float,
+    *,
+    error: str = "",
+    policy: RejectedPolicy = rejected_backoff,
+) -> Lifecycle:
+    """The provider refused a ``kind`` request (4xx) with OAuth ``error``.
+
+    A refused refresh token is never sent again and the renewal goes on as a login (LOGGING_IN); a
+    refused login waits minutes (REJECTED), so that wrong credentials never become a lockout.
+    """
+    phase = transition(lc.phase, Event.REJECTED)
+    if kind == "refresh":
+        return replace(
+            lc,
+            phase=phase,
+            refresh_refused=True,
+            refresh_unsupported=lc.refresh_unsupported or error == "unsupported_grant_type",
+            last_attempt="refresh",
+            failing_since=now if lc.failing_since is None else lc.failing_since,
+        )
+    rejections = lc.rejections + 1
+    return replace(
+        lc,
+        phase=phase,
+        code_spent=lc.code_spent or lc.grant_type == "authorization_code",
+        last_attempt="login",
+        rejections=rejections,
+        failing_since=now if lc.failing_since is None else lc.failing_since,
+        retry_at=now + policy(rejections - 1, rand),
+        login_ended_at=now,
+    )
+
+
+def on_failed(
+    lc: Lifecycle,
+    kind: str,
+    now: float,
+    rand: float,
+    *,
+    retry_after: float | None = None,
+    reason: str = "",
+    policy: TransientPolicy | None = None,
+) -> Lifecycle:
+    """A ``kind`` request failed transiently (``reason``: unreachable, server_error, ...): back off."""
+    failures = lc.transient_failures + 1
+    failed = replace(
+        lc,
+        phase=transition(lc.phase, Event.FAILED),
+        code_spent=lc.code_spent
+        or (kind == "login" and lc.grant_type == "authorization_code" and reason in CODE_SPENDING_FAILURES),
+        last_attempt=kind,
+        transient_failures=failures,
+        failing_since=now if lc.failing_since is None else lc.failing_since,
+        login_ended_at=now if kind == "login" else lc.login_ended_at,
+    )
+    if policy is not None:
+        delay = policy(failures - 1, rand, retry_after)
+    else:
+        delay = retry_delay(failed, now, rand, retry_after)
+    return replace(failed, retry_at=now + delay)
+
+
+def retry_delay(lc: Lifecycle, now: float, rand: float, retry_after: float | None = None) -> float:
+    """How long to wait before the next attempt, ``lc.transient_failures`` failures into an outage.
+
+    With a usable token: the exponential backoff, but at most a third of what is left of the token.
+    Without one: NO_TOKEN_RETRY_S, or a sixth of how long the provider has been failing (since the
+    first failure after the last grant, a held token's retries included), whichever is longer, up to
+    the cap, jittered upwards. Never below RETRY_FLOOR_S; never before a
+    provider's Retry-After (capped).
+    """
+    held = usable(lc, now)
+    if held is not None:
+        delay = transient_backoff(max(0, lc.transient_failures - 1), rand)
+        delay = min(delay, (held.usable_until - now) * HELD_RETRY_FRACTION)
+    else:
+        since = lc.failing_since if lc.failing_since is not None else now
+        spacing = min(TRANSIENT_BACKOFF_CAP_S, max(NO_TOKEN_RETRY_S, (now - since) * OUTAGE_STRETCH))
+        delay = spacing * (1 + RETRY_JITTER * rand)
+    delay = max(delay, RETRY_FLOOR_S)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
+    return delay
+
+
+def on_accepted(lc: Lifecycle, token: Token) -> Lifecycle:
+    """The upstream answered something other than 401 to ``token``."""
+    if token is not lc.token or lc.accepted:
+        return lc
+    return replace(lc, accepted=True, futile_renewals=0)
+
+
+def _refill(budget: float, at: float, now: float, burst: float, every: float) -> float:
+    return min(burst, budget + (now - at) / every)
+
+
+def on_upstream_rejected(lc: Lifecycle, now: float) -> Lifecycle | None:
+    """The upstream answered 401 to the current token: the value after allowing a renewal, or None
+    when the 401 should be passed back without one."""
+    if lc.accepted:
+        budget = _refill(lc.evidence_budget, lc.evidence_at, now, EVIDENCE_BURST, EVIDENCE_REFILL_S)
+        if budget < 1.0:
+            return None
+        return replace(lc, evidence_budget=budget - 1.0, evidence_at=now, renewed_401_at=now)
+    if not lc.from_401:
+        budget = _refill(lc.fresh_budget, lc.fresh_at, now, FRESH_BURST, FRESH_REFILL_S)
+        if budget < 1.0:
+            return None
+        return replace(lc, fresh_budget=budget - 1.0, fresh_at=now, renewed_401_at=now)
+    futile = lc.futile_renewals if now - lc.renewed_401_at < FUTILE_RESET_S else 0
+    if now - lc.renewed_401_at < min(FUTILE_CAP_S, FUTILE_SPACING_S * 2 ** min(futile, 16)):
+        return None
+    return replace(lc, futile_renewals=futile + 1, renewed_401_at=now)
+
+
+def on_dropped(lc: Lifecycle) -> Lifecycle:
+    """Forget the held token (the upstream rejects it and the provider refused to renew it)."""
+    return replace(lc, token=None, accepted=False)
+
+
+def on_stopped(lc: Lifecycle) -> Lifecycle:
+    return replace(lc, phase=transition(lc.phase, Event.STOP), token=None, accepted=False)

@@ -13,18 +13,21 @@ not cancel the login the others wait for). Inside, the flight checks again, befo
 the renewal is still needed (double-checked: 200 waiters see the token the first one fetched). So
 however many requests wait, at most one token request is in flight.
 
-An upstream 401 calls :meth:`renew_rejected` with the token that was rejected. It renews only if
-that token is still the current one (invalidation by identity, not by clock), and not when that token
-is the one a 401-triggered renewal obtained less than ``REJECTION_RENEWAL_INTERVAL_S`` ago, so an
-endpoint that always answers 401 cannot turn every request into a token request (a token renewed on
-schedule since then is renewed: a second revoke soon after the first is hidden too).
+Nothing here decides. The manager keeps one :class:`state.Lifecycle` value; it asks ``state`` what
+to do (refresh or log in, whether a 401 is worth a renewal, how long to wait), performs the I/O
+through ``idp.py``, and feeds each outcome back through the ``state.on_*`` functions. The clock and
+the sleeps are injected (``clock=``, ``sleep=``), so a test can run minutes of backoff, or a soak
+of short tokens, on a fake clock in milliseconds.
 
-The flight's steps follow ``state.TRANSITIONS``: a rejected refresh moves to LOGGING_IN and the
-same flight logs in; a transient failure moves to BACKING_OFF and the scheduler retries at the
-backoff's end; a rejected login moves to REJECTED and waits minutes. While backing off, a request
-with no usable token gets :class:`NoToken` at once (503 with Retry-After), without a token request;
-once an attempt has failed, it waits for a retry only ``FAILING_PROVIDER_WAIT_S``, never until
-``auth.timeout_s``.
+An upstream 401 calls :meth:`renew_rejected` with the token that was rejected. It renews only if
+that token is still the current one (invalidation by identity, not by clock), and only when
+``state.on_upstream_rejected`` sees reason to: a token the upstream accepted (the forwarder calls
+:meth:`accepted`) and now rejects is renewed at once; one it never accepted only a few times.
+
+While backing off, a request with no usable token gets :class:`NoToken` at once (503 with
+Retry-After), without a token request; once an attempt has failed, it waits for a retry only
+``FAILING_PROVIDER_WAIT_S``, never until ``auth.timeout_s``. A login that replaced a session whose
+refresh token still lived ends that session in the background (bounded, best effort).
 """
 
 from __future__ import annotations
@@ -33,22 +36,37 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import state
 from .errors import NoToken, TokenRejected, TokenUnavailable
-from .idp import IdentityProvider, try_end_session
+from .idp import END_SESSION_TIMEOUT_S, try_end_session
 from .observability import Metrics, event
-from .state import Event, Health, Phase, Token, token_clock
+from .state import Health, Lifecycle, Phase, Token, token_clock
 
-# An upstream 401 for a token obtained less than this long ago by an earlier 401-triggered
-# renewal is passed back to the client: the upstream rejects something other than token age.
-REJECTION_RENEWAL_INTERVAL_S = 5.0
 # While the identity provider is failing, a request without a usable token waits at most this long for
 # the retry in flight: a healthy answer takes milliseconds, a hanging one would hold it until auth.timeout_s.
 FAILING_PROVIDER_WAIT_S = 0.5
+CODE_SPENT = (
+    "the authorization code (auth.code) was already sent once and is never sent twice, and no "
+    "refresh token is left to renew with: get a new code, set auth.code and restart"
+)
+
+
+class TokenSource(Protocol):
+    """What the manager needs of an identity provider (``idp.IdentityProvider``, or a test's fake)."""
+
+    grant_type: str
+
+    async def login(self) -> Token: ...
+
+    async def refresh(self, current: Token) -> Token: ...
+
+    async def end_session(self, token: Token) -> str: ...
+
+    def rejection_keys(self, error: str) -> tuple[str, ...]: ...
 
 
 @dataclass
@@ -57,6 +75,7 @@ class LastError:
     reason: str  # provider error code, or unreachable / timeout / server_error / ...
     detail: str
     at: float  # wall clock
+    keys: tuple[str, ...] = ()  # a refusal: the [auth] keys to check
 
 
 class TokenManager:
@@ -64,38 +83,36 @@ class TokenManager:
 
     def __init__(
         self,
-        idp: IdentityProvider,
+        idp: TokenSource,
         *,
         refresh_margin_s: float,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = token_clock,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        transient_backoff: Callable[..., float] = state.transient_backoff,
-        rejected_backoff: Callable[[int, float], float] = state.rejected_backoff,
-        rejection_renewal_interval_s: float = REJECTION_RENEWAL_INTERVAL_S,
+        transient_backoff: state.TransientPolicy | None = None,
+        rejected_backoff: state.RejectedPolicy = state.rejected_backoff,
+        rejection_renewal_interval_s: float | None = None,
     ) -> None:
+        """``transient_backoff`` replaces ``state.retry_delay`` (tests that are about something else);
+        ``rejection_renewal_interval_s = 0`` lifts the limits on 401-triggered renewals (likewise)."""
         self._idp = idp
         self._margin = refresh_margin_s
         self._metrics = metrics
         self._clock = clock
+        self._sleep = sleep
         self._wall = wall_clock
         self._rand = rand
         self._transient_backoff = transient_backoff
         self._rejected_backoff = rejected_backoff
-        self._rejection_interval = rejection_renewal_interval_s
+        self._unlimited_401 = rejection_renewal_interval_s == 0
 
-        self.phase = Phase.IDLE
-        self._token: Token | None = None
+        self._lc = Lifecycle(grant_type=idp.grant_type)
         self._flight: asyncio.Task[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
+        self._enders: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
-        self._retry_at = 0.0
-        self._transient_failures = 0
-        self._rejections = 0
-        self._refresh_failures = 0
-        self._last_rejection_renewal = -1e18
-        self._rejection_renewed: Token | None = None  # the token the last 401-triggered renewal obtained
         self.last_error: LastError | None = None
         self.last_renewal_at: float | None = None  # wall clock
         self.counts = {"logins": 0, "refreshes": 0, "failures": 0, "rejections": 0}
@@ -105,9 +122,27 @@ class TokenManager:
 
     # --- what requests call ----------------------------------------------------------------------
 
+    @property
+    def phase(self) -> Phase:
+        return self._lc.phase
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The current lifecycle value (read-only: it is replaced, never changed)."""
+        return self._lc
+
+    @property
+    def held(self) -> Token | None:
+        """The token held, usable or not."""
+        return self._lc.token
+
+    def now(self) -> float:
+        """The manager's clock (token times are on it)."""
+        return self._clock()
+
     def usable(self) -> Token | None:
         """The held token if it may be sent now, else None. No I/O, no lock."""
-        token = self._token
+        token = self._lc.token
         if token is not None and self._clock() < token.usable_until:
             return token
         return None
@@ -130,22 +165,31 @@ class TokenManager:
             raise NoToken(self.reason(), retry_after=self.retry_after())
         return token
 
+    def accepted(self, token: Token) -> None:
+        """The upstream answered something other than 401 to a request sent with ``token``: evidence
+        that a later 401 for it means it was revoked. Cheap: called for every answer."""
+        lc = self._lc
+        if token is lc.token and not lc.accepted:
+            self._lc = state.on_accepted(lc, token)
+
     async def renew_rejected(self, rejected: Token) -> Token | None:
         """The upstream answered 401 to ``rejected``: the token to retry with, or None (don't retry)."""
-        if self._token is not rejected:
+        if self._lc.token is not rejected:
             return self.usable()  # someone renewed it already
         if self._flight is not None:  # a renewal is under way (maybe for another 401 on this token): share it
             await self._join_flight(rejected)
             return self._after_renewal(rejected)
-        now = self._clock()
-        if rejected is self._rejection_renewed and now - self._last_rejection_renewal < self._rejection_interval:
+        if self._waiting_out_backoff():
             return None
-        if self._flight is None and self._waiting_out_backoff():
+        was_accepted = self._lc.accepted
+        allowed = state.on_upstream_rejected(self._lc, self._clock())
+        if allowed is None and not self._unlimited_401:  # the 401 goes back to the client
+            event("token.rejected_upstream", level=logging.DEBUG, token=rejected.id, accepted=was_accepted, renew=False)
             return None
-        self._last_rejection_renewal = now
-        event("token.rejected_upstream", level=logging.INFO, token=rejected.id)
+        if allowed is not None:
+            self._lc = allowed
+        event("token.rejected_upstream", level=logging.INFO, token=rejected.id, accepted=was_accepted, renew=True)
         await self._join_flight(rejected)
-        self._rejection_renewed = self._token
         return self._after_renewal(rejected)
 
     def _after_renewal(self, rejected: Token) -> Token | None:
@@ -154,8 +198,8 @@ class TokenManager:
         When the provider refused the credentials too, the token the upstream rejected is dropped:
         holding it would keep /-/ready green while every client gets the upstream's 401.
         """
-        if self._token is rejected and self.phase is Phase.REJECTED:
-            self._token = None
+        if self._lc.token is rejected and self._lc.phase is Phase.REJECTED:
+            self._lc = state.on_dropped(self._lc)
             event("token.dropped", level=logging.WARNING, token=rejected.id, reason="rejected upstream")
         token = self.usable()
         return token if token is not rejected else None
@@ -179,15 +223,15 @@ class TokenManager:
                 except Exception:
                     pass
         self._scheduler = self._flight = None
-        self._move(Event.STOP)
-        token = self._token
+        if self._enders:  # old sessions being ended: each is bounded by END_SESSION_TIMEOUT_S
+            _, pending = await asyncio.wait(set(self._enders), timeout=END_SESSION_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+        token = self._lc.token
+        self._lc = state.on_stopped(self._lc)
+        self._changed.set()
         if revoke and token is not None:
-            ended, what = await try_end_session(self._idp, token)
-            if ended:
-                event("token.session_ended", how=what, token=token.id)
-            else:
-                event("token.session_end_failed", level=logging.WARNING, detail=what)
-        self._token = None
+            await self._end_session(token, "shutdown")
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -197,28 +241,31 @@ class TokenManager:
             return "a usable token is held"
         err = self.last_error
         retry = self.retry_after()
-        if self.phase is Phase.REJECTED and err is not None:
-            return f"{err.detail}; check the credentials in [auth]; next login attempt in {retry:.0f}s"
-        if self.phase is Phase.BACKING_OFF and err is not None:
+        phase = self._lc.phase
+        if phase is Phase.REJECTED and err is not None:
+            keys = f" ({', '.join(err.keys)})" if err.keys else ""
+            return f"{err.detail}; check the credentials in [auth]{keys}; next login attempt in {retry:.0f}s"
+        if phase is Phase.BACKING_OFF and err is not None:
             return f"{err.detail}; retrying in {retry:.0f}s"
-        if self.phase in (Phase.IDLE, Phase.LOGGING_IN, Phase.REFRESHING):
+        if phase in (Phase.IDLE, Phase.LOGGING_IN, Phase.REFRESHING):
             if err is not None and self._provider_failing():
                 return f"{err.detail}; retrying now"
             return "logging in to the identity provider"
-        if self.phase is Phase.STOPPED:
+        if phase is Phase.STOPPED:
             return "shutting down"
         return "the access token has expired and could not be renewed yet"
 
     def retry_after(self) -> float:
         """Seconds until the next attempt (at least 1, for a Retry-After header)."""
-        return max(1.0, self._retry_at - self._clock()) if self._waiting_out_backoff() else 1.0
+        return max(1.0, self._lc.retry_at - self._clock()) if self._waiting_out_backoff() else 1.0
 
     def status(self) -> dict[str, Any]:
         """What /-/status shows. Never a secret: the token is named by its fingerprint."""
-        token = self._token
+        lc = self._lc
+        token = lc.token
         now = self._clock()
         info: dict[str, Any] = {
-            "state": self.phase.value,
+            "state": lc.phase.value,
             "ready": self.usable() is not None,
             "token": None,
             "last_refresh": _iso(self.last_renewal_at),
@@ -233,30 +280,32 @@ class TokenManager:
                 "expires_in_s": round(token.expires_at - now, 1),
                 "expires_at": _iso(token.wall_expires_at),
                 "refresh_in_s": round(max(0.0, token.refresh_at(self._margin) - now), 1),
-                "has_refresh_token": bool(token.refresh_token),
+                "has_refresh_token": state.live_refresh(lc, now) is not None,
+                "accepted_upstream": lc.accepted,
             }
         if self.last_error is not None:
             err = self.last_error
             info["last_error"] = {"kind": err.kind, "reason": err.reason, "detail": err.detail, "at": _iso(err.at)}
         if self._waiting_out_backoff():
-            info["retry_in_s"] = round(self._retry_at - now, 1)
+            info["retry_in_s"] = round(lc.retry_at - now, 1)
         return info
 
     # --- internals -------------------------------------------------------------------------------
 
     def _provider_failing(self) -> bool:
         """The identity provider has failed or refused since the last token was obtained."""
-        return bool(self._transient_failures or self._rejections)
+        return bool(self._lc.transient_failures or self._lc.rejections)
 
     def _waiting_out_backoff(self) -> bool:
-        return self.phase in (Phase.BACKING_OFF, Phase.REJECTED) and self._clock() < self._retry_at
+        lc = self._lc
+        return lc.phase in (Phase.BACKING_OFF, Phase.REJECTED) and self._clock() < lc.retry_at
 
     def _seconds_to_expiry(self) -> float:
-        token = self._token
+        token = self._lc.token
         return max(0.0, token.expires_at - self._clock()) if token is not None else 0.0
 
-    def _move(self, ev: Event) -> None:
-        self.phase = state.transition(self.phase, ev)
+    def _set(self, lc: Lifecycle) -> None:
+        self._lc = lc
         self._changed.set()
 
     async def _join_flight(self, rejected: Token | None) -> None:
@@ -271,34 +320,38 @@ class TokenManager:
             self._flight = None
 
     async def _fly(self, rejected: Token | None) -> None:
-        """One renewal: re-check, then refresh or log in, following the transition table."""
-        token = self._token
+        """One renewal: re-check, then refresh or log in, as ``state`` decides."""
+        lc = self._lc
         now = self._clock()
-        if rejected is not None and token is not rejected:
+        if rejected is not None and lc.token is not rejected:
             return
         if (
             rejected is None
-            and self.phase is Phase.HOLDING
-            and token is not None
-            and token.health(now, self._margin) is Health.FRESH
+            and lc.phase is Phase.HOLDING
+            and lc.token is not None
+            and lc.token.health(now, self._margin) is Health.FRESH
         ):
             return
-        if self.phase is Phase.STOPPED:
+        if lc.phase is Phase.STOPPED:
             return
-        self._move(state.choose_renewal(token, now, self._refresh_failures))
+        self._set(state.on_started(lc, state.choose_renewal(lc, now)))
         while True:
-            kind = "refresh" if self.phase is Phase.REFRESHING else "login"
+            kind = "refresh" if self._lc.phase is Phase.REFRESHING else "login"
             try:
-                if self.phase is Phase.REFRESHING and token is not None:
-                    new = await self._idp.refresh(token)
-                else:
-                    new = await self._idp.login()
+                new = await self._attempt(kind)
             except TokenRejected as exc:
-                self._record_failure(kind, exc.error, exc.detail, "rejected")
-                self._move(Event.REJECTED)
-                if self.phase is Phase.LOGGING_IN:
-                    # The refresh token is dead: never send it again (and REJECTED accepts no REFRESH).
-                    self._refresh_failures = state.MAX_REFRESH_FAILURES
+                self._record_failure(kind, exc.error, exc.detail, "rejected", exc.error)
+                before = self._lc
+                self._set(
+                    state.on_rejected(
+                        before, kind, self._clock(), self._rand(), error=exc.error, policy=self._rejected_backoff
+                    )
+                )
+                if kind == "refresh":
+                    if self._lc.refresh_unsupported and not before.refresh_unsupported:
+                        event(
+                            "idp.refresh_unsupported", description=exc.description, next="log in to renew from now on"
+                        )
                     event(
                         "token.refresh_rejected",
                         level=logging.WARNING,
@@ -306,17 +359,15 @@ class TokenManager:
                         description=exc.description,
                         next="login",
                     )
-                    continue
-                self._rejections += 1
-                self._retry_at = self._clock() + self._rejected_backoff(self._rejections - 1, self._rand())
+                    continue  # the same flight logs in (LOGGING_IN)
                 event(
                     "token.login_rejected",
                     level=logging.ERROR,
                     error=exc.error,
                     description=exc.description,
                     status=exc.http_status,
-                    hint="check auth.client_id, auth.username and the password",
-                    retry_in_s=round(self._retry_at - self._clock(), 1),
+                    hint=_check(self._idp.rejection_keys(exc.error)),
+                    retry_in_s=round(self._lc.retry_at - self._clock(), 1),
                 )
                 return
             except TokenUnavailable as exc:
@@ -326,14 +377,26 @@ class TokenManager:
                 logging.getLogger(__name__).exception("token.flight_crashed")
                 self._fail_transient(kind, "internal_error", f"internal error ({type(exc).__name__})", None)
                 return
-            self._accept(kind, new, token)
+            self._accept(kind, new, for_401=rejected is not None)
             return
 
-    def _accept(self, kind: str, new: Token, previous: Token | None) -> None:
-        self._token = new
-        self._move(Event.GRANTED)
-        self._transient_failures = self._rejections = self._refresh_failures = 0
-        self._retry_at = 0.0
+    async def _attempt(self, kind: str) -> Token:
+        """One token request of ``kind``; a login waits out MIN_LOGIN_INTERVAL_S first."""
+        if kind == "refresh":
+            token = self._lc.token
+            assert token is not None  # choose_renewal refreshes only a held token
+            return await self._idp.refresh(token)
+        if state.login_blocked(self._lc):
+            raise TokenRejected("code_already_used", CODE_SPENT, 400, detail=CODE_SPENT)
+        wait = state.login_wait(self._lc, self._clock())
+        if wait > 0:
+            await self._sleep(wait)
+        return await self._idp.login()
+
+    def _accept(self, kind: str, new: Token, for_401: bool) -> None:
+        previous = self._lc.token
+        lc, replaced = state.on_granted(self._lc, kind, new, self._clock(), for_401=for_401)
+        self._set(lc)
         self.last_renewal_at = self._wall()
         self.counts["logins" if kind == "login" else "refreshes"] += 1
         if self._metrics is not None:
@@ -349,27 +412,53 @@ class TokenManager:
             if new.refresh_token
             else "none",
         )
+        if replaced is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._end_session(replaced, "replaced by a new login"), name="token-end-session"
+            )
+            self._enders.add(task)
+            task.add_done_callback(self._enders.discard)
+
+    async def _end_session(self, token: Token, why: str) -> None:
+        ended, what = await try_end_session(self._idp, token)
+        if ended and what != "none":
+            if why == "shutdown":
+                event("token.session_ended", how=what, token=token.id)
+            else:
+                event("token.session_ended", how=what, token=token.id, why=why)
+            return
+        if ended:  # the provider offers neither: worth a warning only when ending it was asked for
+            what = "no logout or revocation endpoint is known (auth.revoke_url)"
+        level = logging.WARNING if why == "shutdown" or not ended else logging.DEBUG
+        event("token.session_end_failed", level=level, token=token.id, detail=what)
 
     def _fail_transient(self, kind: str, reason: str, detail: str, retry_after: float | None) -> None:
         self._record_failure(kind, reason, detail, "failed")
-        self._move(Event.FAILED)
-        if kind == "refresh":
-            self._refresh_failures += 1
-        delay = self._transient_backoff(self._transient_failures, self._rand(), retry_after)
-        self._transient_failures += 1
-        self._retry_at = self._clock() + delay
+        now = self._clock()
+        self._set(
+            state.on_failed(
+                self._lc,
+                kind,
+                now,
+                self._rand(),
+                retry_after=retry_after,
+                reason=reason,
+                policy=self._transient_backoff,
+            )
+        )
         event(
             "token.unavailable",
             level=logging.WARNING,
             kind=kind,
             reason=reason,
             detail=detail,
-            retry_in_s=round(delay, 1),
+            retry_in_s=round(self._lc.retry_at - now, 1),
             token_held=self.usable() is not None,
         )
 
-    def _record_failure(self, kind: str, reason: str, detail: str, outcome: str) -> None:
-        self.last_error = LastError(kind, reason, detail, self._wall())
+    def _record_failure(self, kind: str, reason: str, detail: str, outcome: str, error: str = "") -> None:
+        keys = self._idp.rejection_keys(error) if outcome == "rejected" else ()
+        self.last_error = LastError(kind, reason, detail, self._wall(), keys)
         self.counts["rejections" if outcome == "rejected" else "failures"] += 1
         if self._metrics is not None:
             self._metrics.token_requests.labels(kind, outcome).inc()
@@ -377,28 +466,48 @@ class TokenManager:
 
     def _next_wake(self) -> float | None:
         """token_clock time of the next renewal attempt, or None when there is nothing to schedule."""
-        if self.phase is Phase.IDLE:
+        lc = self._lc
+        if lc.phase is Phase.IDLE:
             return self._clock()
-        if self.phase in (Phase.BACKING_OFF, Phase.REJECTED):
-            return self._retry_at
-        if self.phase is Phase.HOLDING and self._token is not None:
-            return self._token.refresh_at(self._margin)
+        if lc.phase in (Phase.BACKING_OFF, Phase.REJECTED):
+            return lc.retry_at
+        if lc.phase is Phase.HOLDING and lc.token is not None:
+            return lc.token.refresh_at(self._margin)
         return None  # a flight is running; it will signal a change
 
     async def _schedule(self) -> None:
         """Renew when due; sleep until the next due time or until something changes."""
-        while self.phase is not Phase.STOPPED:
+        while self._lc.phase is not Phase.STOPPED:
             self._changed.clear()
             wake = self._next_wake()
             now = self._clock()
             if wake is not None and wake <= now:
                 await self._join_flight(None)
                 continue
+            await self._nap(None if wake is None else wake - now)
+
+    async def _nap(self, seconds: float | None) -> None:
+        """Until ``seconds`` have passed on the injected sleep, or something changed."""
+        changed = asyncio.ensure_future(self._changed.wait())
+        if seconds is None:
             try:
-                timeout = None if wake is None else wake - now
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass
+                await changed
+            finally:
+                changed.cancel()
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait((changed, nap), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            nap.cancel()
+
+
+def _check(keys: tuple[str, ...]) -> str:
+    """``check auth.client_id, auth.username and auth.password``."""
+    if not keys:
+        return "check the [auth] section"
+    return "check " + (", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0])
 
 
 def _iso(wall: float | None) -> str | None:

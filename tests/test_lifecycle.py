@@ -89,16 +89,16 @@ async def test_burst_of_200_requests_causes_one_login(aiohttp_server, aiohttp_cl
 
 @pytest.mark.slow
 async def test_steady_traffic_over_short_tokens(aiohttp_server, aiohttp_client):
-    """15 s of traffic over 4 s tokens: no client error, no expired token upstream, renewed by refresh."""
+    """8 s of traffic over 4 s tokens: no client error, no expired token upstream, renewed by refresh."""
     idp = await start_idp(aiohttp_server, access_lifetime_s=4.0)
     api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
-    statuses = await steady_traffic(client, 15.0)
+    statuses = await steady_traffic(client, 8.0)
     assert set(statuses) == {200}, statuses
-    assert statuses[200] > 100  # traffic really flowed the whole time
+    assert statuses[200] > 60  # traffic really flowed the whole time
     assert api.rejected == []  # no expired (or unknown) token ever reached the upstream
     assert idp.hits["grant:password"] == 1
-    assert idp.hits["grant:refresh_token"] >= 4  # about one refresh every 2 s
+    assert idp.hits["grant:refresh_token"] >= 3  # about one refresh every 2 s
     status = await (await client.get("/-/status")).json()
     assert status["counters"]["refreshes"] == idp.hits["grant:refresh_token"]
     assert status["counters"]["failures"] == status["counters"]["rejections"] == 0
@@ -213,3 +213,25 @@ async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refus
     resp = await client.get("/v1/hello")
     assert resp.status == 503
     assert "invalid_grant" in (await resp.json())["detail"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs forward.py to report accepted tokens: self._tokens.accepted(token) after a non-401 answer",
+)
+async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_server, aiohttp_client):
+    """Sessions killed, a GET renews and gets 200, sessions killed again at once: the next POST is renewed and
+    retried too (the upstream had accepted the renewed token), so no client sees a 401 (issue #12)."""
+    idp = await start_idp(aiohttp_server)
+    api, api_url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
+    assert (await client.get("/v1/hello")).status == 200
+    for _ in range(2):
+        idp.revoke_all_access()
+        idp.revoke_all_refresh()
+        assert (await client.get("/v1/hello")).status == 200
+        idp.revoke_all_access()
+        idp.revoke_all_refresh()
+        resp = await client.post("/v1/items", data=b"{}")
+        assert resp.status == 200, await resp.text()
+    assert api.rejected == ["unknown"] * 4

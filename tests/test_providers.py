@@ -21,7 +21,7 @@ from proxy.demo import DemoIdP, Fault
 from proxy.errors import ConfigError
 from proxy.providers import OLI_TOKEN_URL, WE360_TOKEN_URL
 from tests.fakes.servers import start_api, start_idp, start_proxy
-from tests.fakes.vendors import FORM, JSON, FakeOAuth2, FakeWebCommander, start_fake
+from tests.fakes.vendors import FORM, JSON, FakeOAuth2, FakeOIDCProvider, FakeWebCommander, start_fake
 
 # A forced renewal (upstream 401) may follow another at once in these tests.
 NO_401_INTERVAL = {"rejection_renewal_interval_s": 0.0}
@@ -920,3 +920,165 @@ async def test_extra_fields_reach_the_token_endpoint(aiohttp_server, aiohttp_cli
         ("password", "reports"),
         ("refresh_token", "reports"),
     ]
+
+
+# --- ending a session, PKCE, hints (issue #12) ------------------------------------------------------
+
+
+async def test_revoke_on_shutdown_with_a_non_keycloak_issuer_revokes_the_refresh_token(
+    aiohttp_server, aiohttp_client, caplog
+):
+    """oauth2 + issuer on a certified OpenID Provider: discovery's end_session_endpoint (a browser page that
+    answers 200 HTML) is not taken for Keycloak's logout; the newest refresh token is revoked (RFC 7009, with
+    token_type_hint) and really dies."""
+    fake = await start_fake(
+        aiohttp_server, FakeOIDCProvider(clients={O2_CLIENT: O2_SECRET}, users={O2_USER: O2_PASSWORD})
+    )
+    mapping = {
+        "upstream": {"url": fake.base_url},
+        "auth": {
+            "provider": "oauth2",
+            "issuer": fake.base_url,
+            "client_id": O2_CLIENT,
+            "client_secret": O2_SECRET,
+            "username": O2_USER,
+            "password": O2_PASSWORD,
+            "revoke_on_shutdown": True,
+        },
+    }
+    client = await _proxy(aiohttp_client, mapping)
+    assert (await client.get("/v1/hello")).status == 200
+    [refresh] = list(fake.refresh)
+    await client.close()
+    assert fake.hits["end_session_page"] == 0
+    [revocation] = fake.revocations
+    assert (revocation.fields["token"], revocation.fields["token_type_hint"]) == (refresh, "refresh_token")
+    assert refresh not in fake.refresh
+    assert [e["how"] for e in _events(caplog, "token.session_ended")] == ["revoke"]
+    _assert_not_logged(caplog, refresh, O2_SECRET, O2_PASSWORD)
+
+
+async def test_a_logout_that_answers_a_page_is_a_failure(aiohttp_server, aiohttp_client, caplog):
+    """A logout URL that answers 200 with an HTML page ended nothing: a warning, never token.session_ended."""
+    idp = await start_idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    page = web.Application()
+
+    async def sign_out_page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Sign out?</html>", content_type="text/html")
+
+    page.router.add_post("/logout", sign_out_page)
+    page_server = await aiohttp_server(page)
+    mapping = {
+        "upstream": {"url": api_url},
+        "auth": {
+            "provider": "keycloak",
+            "token_url": idp.token_url(),
+            "logout_url": str(page_server.make_url("/logout")),
+            "client_id": "demo-client",
+            "username": "demo",
+            "password": "demo",
+            "revoke_on_shutdown": True,
+        },
+    }
+    client = await _proxy(aiohttp_client, mapping)
+    assert (await client.get("/v1/hello")).status == 200
+    await client.close()
+    assert _events(caplog, "token.session_ended") == []
+    [failed] = _events(caplog, "token.session_end_failed")
+    assert "answered 200 with an HTML page, not 204" in failed["detail"]
+
+
+PKCE_VERIFIER = "pkce-verifier-" + "x" * 40
+
+
+async def test_pkce_code_verifier_goes_with_the_code_exchange_only(aiohttp_server, aiohttp_client, caplog, tmp_path):
+    """auth.code_verifier_file: sent with the authorization code, never with a refresh or a revocation, never logged."""
+    fake = await start_fake(aiohttp_server, _o2_fake(expires_in=2))
+    code = fake.add_code(O2_USER)
+    verifier_file = tmp_path / "verifier"
+    verifier_file.write_text(PKCE_VERIFIER + "\n")
+    mapping = _o2_mapping(fake, grant_type="authorization_code", code=code, code_verifier_file=str(verifier_file))
+    client = await _proxy(aiohttp_client, mapping)
+    assert (await client.get("/v1/hello")).status == 200
+
+    async def refreshed() -> bool:
+        assert (await client.get("/v1/hello")).status == 200
+        return len(fake.grants("refresh_token")) >= 1
+
+    await _eventually(refreshed, "a scheduled refresh")
+    assert fake.seen[0].fields["code_verifier"] == PKCE_VERIFIER
+    assert all("code_verifier" not in s.fields for s in fake.seen[1:])
+    _assert_not_logged(caplog, PKCE_VERIFIER, code)
+
+
+def test_code_verifier_is_a_secret_key_checked_like_the_others(tmp_path):
+    """code_verifier: from the environment or a _file, hidden from repr and in Config.secrets(); a value in
+    auth.extra is moved there; only with authorization_code; RFC 7636's alphabet and length, never quoted."""
+    base = {
+        "upstream": {"url": "https://api.example"},
+        "auth": {"provider": "oauth2", "token_url": "https://idp.example/t"},
+    }
+    code_auth = {**base["auth"], "grant_type": "authorization_code", "code": "c0de"}
+    config = config_from_mapping({**base, "auth": {**code_auth, "extra": {"code_verifier": PKCE_VERIFIER, "a": 1}}})
+    assert config.auth.code_verifier == PKCE_VERIFIER and dict(config.auth.extra) == {"a": 1}
+    assert PKCE_VERIFIER not in repr(config) and PKCE_VERIFIER in config.secrets()
+    env = {
+        "OAUTH_SIDECAR_UPSTREAM_URL": "https://api.example",
+        "OAUTH_SIDECAR_AUTH_PROVIDER": "oauth2",
+        "OAUTH_SIDECAR_AUTH_TOKEN_URL": "https://idp.example/t",
+        "OAUTH_SIDECAR_AUTH_GRANT_TYPE": "authorization_code",
+        "OAUTH_SIDECAR_AUTH_CODE": "c0de",
+        "OAUTH_SIDECAR_AUTH_CODE_VERIFIER": PKCE_VERIFIER,
+    }
+    assert load_config(None, env=env).auth.code_verifier == PKCE_VERIFIER
+    with pytest.raises(ConfigError, match="only sent with grant_type authorization_code"):
+        config_from_mapping(
+            {
+                **base,
+                "auth": {
+                    **base["auth"],
+                    "grant_type": "client_credentials",
+                    "client_id": "c",
+                    "client_secret": "s",
+                    "code_verifier": PKCE_VERIFIER,
+                },
+            }
+        )
+    with pytest.raises(ConfigError, match="43 to 128 characters") as info:
+        config_from_mapping({**base, "auth": {**code_auth, "code_verifier": "short-secret-verifier"}})
+    assert "short-secret-verifier" not in str(info.value)
+
+
+async def test_a_token_url_that_answers_404_names_the_url_not_the_password(aiohttp_server, aiohttp_client, caplog):
+    """A token_url with a typo (404 HTML): the 503 and the log name the URL; no "check the password", no
+    minutes-long credential backoff: it is retried like any transient failure."""
+    fake = await start_fake(aiohttp_server, _o2_fake())
+    nothing_there = await aiohttp_server(web.Application())  # aiohttp's own "404: Not Found"
+    wrong = str(nothing_there.make_url("/oauth/tokne"))
+    mapping = _o2_mapping(fake, grant_type="password", username=O2_USER, password=O2_PASSWORD)
+    mapping["auth"]["token_url"] = wrong
+    client = await _proxy(aiohttp_client, mapping, transient_backoff=lambda attempt, rand, retry_after=None: 30.0)
+    status, body = await _json(client, "/v1/hello")
+    assert status == 503
+    assert wrong in body["detail"] and "auth.token_url" in body["detail"]
+    assert "password" not in body["detail"] and "credentials" not in body["detail"]
+    assert _events(caplog, "token.login_rejected") == []
+    assert (await _status(client))["last_error"]["reason"] == "not_a_token_endpoint"
+    _assert_not_logged(caplog, O2_PASSWORD, O2_SECRET)
+
+
+async def test_a_wrong_client_secret_hint_names_the_client_keys_only(aiohttp_server, aiohttp_client, caplog):
+    """client_credentials with a wrong secret: the hint names auth.client_id and auth.client_secret, not a
+    username or password the grant does not use."""
+    fake = await start_fake(aiohttp_server, _o2_fake())
+    mapping = _o2_mapping(fake, grant_type="client_credentials")
+    mapping["auth"]["client_secret"] = "not-the-secret-5521"
+    client = await _proxy(aiohttp_client, mapping, rejected_backoff=lambda attempt, rand: 60.0)
+    status, body = await _json(client, "/v1/hello")
+    assert status == 503
+    assert "(auth.client_id, auth.client_secret)" in body["detail"]
+    [rejected] = _events(caplog, "token.login_rejected")
+    assert rejected["hint"] == "check auth.client_id and auth.client_secret"
+    assert "username" not in body["detail"] + rejected["hint"] and "password" not in rejected["hint"]
+    _assert_not_logged(caplog, "not-the-secret-5521")

@@ -44,10 +44,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import proxy
+from proxy import state
 from proxy.app import FORWARDER, TOKENS
 from proxy.demo import DemoAPI, DemoIdP, Fault
 from proxy.state import Phase
-from proxy.tokens import REJECTION_RENEWAL_INTERVAL_S, TokenManager
+from proxy.tokens import TokenManager
 from proxy.upstream import Pool
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
 
@@ -491,17 +492,18 @@ async def _wait_until(condition: Callable[[], bool], within: float) -> None:
 
 
 def _throttled(run: Run, out: Outcome) -> bool:
-    """The documented exception to "a revoke is hidden": the upstream rejected the token the proxy had just
-    obtained because of an earlier 401 (the first one issued after a revoke), less than
-    REJECTION_RENEWAL_INTERVAL_S before: that 401 is passed back, so an upstream that always answers 401
-    cannot turn every request into a token request."""
+    """The documented exception to "a revoke is hidden": the upstream rejected a token that a 401-triggered
+    renewal had obtained and that the proxy never saw accepted, less than FUTILE_SPACING_S after that renewal:
+    the renewal did not help, so the 401 is passed back (an upstream that always answers 401 cannot turn every
+    request into a token request). A token the upstream accepted is renewed at once once the forwarder reports
+    acceptance (TokenManager.accepted); until then every token counts as never accepted."""
     refusal = run.api.refusals.get(out.request_id)
     if refusal is None:
         return False
     issued_at = run.idp.issued.get(refusal[2])
-    if issued_at is None or out.end - issued_at >= REJECTION_RENEWAL_INTERVAL_S:
+    if issued_at is None or out.end - issued_at >= state.FUTILE_SPACING_S:
         return False
-    before = [t for t in run.idp.revokes if t < issued_at]
+    before = [t for t in run.idp.revokes if t < issued_at]  # the first token issued after a revoke: by a 401
     if not before:
         return False
     return not any(before[-1] < other < issued_at for other in run.idp.issued.values())
@@ -616,8 +618,8 @@ async def soak(aiohttp_server: Any, aiohttp_client: Any, seed: int) -> None:
         found.append("5: a token request still in flight at the provider after shutdown")
     if run.proxy_tasks():
         found.append(f"5: proxy tasks left after shutdown: {[t.get_name() for t in run.proxy_tasks()]}")
-    if tokens.phase is not Phase.STOPPED or tokens._token is not None:
-        found.append(f"5: after shutdown the token manager is {tokens.phase.value}, token held: {tokens._token}")
+    if tokens.phase is not Phase.STOPPED or tokens.held is not None:
+        found.append(f"5: after shutdown the token manager is {tokens.phase.value}, token held: {tokens.held}")
     total = time.monotonic() - began
     summary = (
         f"seed {seed}: {lifetime}s tokens, {len(run.outcomes)} requests + {run.hangups} hang-ups in {total:.1f}s, "
@@ -644,8 +646,7 @@ async def test_randomized_traffic_keeps_the_promises(aiohttp_server, aiohttp_cli
 
 
 async def test_revoke_soon_after_another_is_hidden_once_the_token_was_refreshed(aiohttp_server, aiohttp_client):
-    """Revoke, scheduled refresh, revoke again within REJECTION_RENEWAL_INTERVAL_S: the GET after each revoke gets
-    200 (the throttle is for the token a 401 just renewed, not for any token obtained after such a renewal)."""
+    """Revoke, scheduled refresh, revoke again a second later: the GET after each revoke gets 200."""
     idp = await start_idp(aiohttp_server, access_lifetime_s=2.0)  # refreshed 1 s after it is obtained
     api, url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, url))

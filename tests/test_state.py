@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
 from proxy import state
-from proxy.state import Event, Health, IllegalTransition, Phase, Token, choose_renewal, transition
+from proxy.state import Event, Health, IllegalTransition, Lifecycle, Phase, Token, choose_renewal, transition
 
 # Every legal (phase, event) -> phase, written out by hand: the table in state.py must match it exactly.
 EXPECTED = {
@@ -20,6 +21,7 @@ EXPECTED = {
     (Phase.BACKING_OFF, Event.REFRESH): Phase.REFRESHING,
     (Phase.BACKING_OFF, Event.STOP): Phase.STOPPED,
     (Phase.REJECTED, Event.LOGIN): Phase.LOGGING_IN,
+    (Phase.REJECTED, Event.REFRESH): Phase.REFRESHING,  # a refused login; the session's refresh token lives on
     (Phase.REJECTED, Event.STOP): Phase.STOPPED,
     (Phase.LOGGING_IN, Event.GRANTED): Phase.HOLDING,
     (Phase.LOGGING_IN, Event.REJECTED): Phase.REJECTED,
@@ -123,7 +125,7 @@ def test_renewal_comes_before_the_refresh_token_dies(lifetime, refresh_in, margi
     assert t.refresh_at(margin) == pytest.approx(due)
     if refresh_in is not None and due < 3540.0:
         assert t.can_refresh(t.refresh_at(margin))
-        assert choose_renewal(t, t.refresh_at(margin), 0) is Event.REFRESH
+        assert choose_renewal(Lifecycle(token=t), t.refresh_at(margin)) is Event.REFRESH
 
 
 def test_can_refresh_respects_refresh_token_expiry():
@@ -139,14 +141,81 @@ def test_can_refresh_respects_refresh_token_expiry():
 
 
 def test_choose_renewal():
-    """Refresh while a live refresh token is held; log in without one, after it expired, or after repeated failures."""
-    t = token(300.0, at=0.0, refresh_in=600.0)
-    assert choose_renewal(t, 100.0, 0) is Event.REFRESH
-    assert choose_renewal(t, 600.0, 0) is Event.LOGIN  # the refresh token has expired: never send it
-    assert choose_renewal(None, 0.0, 0) is Event.LOGIN
-    assert choose_renewal(token(300.0, refresh=None), 0.0, 0) is Event.LOGIN
-    assert choose_renewal(t, 100.0, state.MAX_REFRESH_FAILURES - 1) is Event.REFRESH
-    assert choose_renewal(t, 100.0, state.MAX_REFRESH_FAILURES) is Event.LOGIN
+    """Refresh first: while a live refresh token is held, whatever failed before, as long as the access token can
+    be sent; a login without one, after it expired or was refused, or once the token is unusable and the last
+    refresh failed (then a login, then a refresh again)."""
+    t = token(300.0, at=0.0, refresh_in=600.0)  # usable until 295 s; refresh token until 595 s
+    lc = Lifecycle(token=t)
+    assert choose_renewal(lc, 100.0) is Event.REFRESH
+    assert choose_renewal(lc, 600.0) is Event.LOGIN  # the refresh token has expired: never send it
+    assert choose_renewal(Lifecycle(), 0.0) is Event.LOGIN
+    assert choose_renewal(Lifecycle(token=token(300.0, refresh=None)), 0.0) is Event.LOGIN
+    assert choose_renewal(Lifecycle(token=t, refresh_refused=True), 100.0) is Event.LOGIN
+    assert choose_renewal(Lifecycle(token=t, refresh_unsupported=True), 100.0) is Event.LOGIN
+    failed = Lifecycle(token=t, last_attempt="refresh", transient_failures=9)
+    assert choose_renewal(failed, 290.0) is Event.REFRESH  # many transient failures: still a refresh
+    assert choose_renewal(failed, 300.0) is Event.LOGIN  # ... until the token can no longer be sent
+    assert choose_renewal(Lifecycle(token=t, last_attempt="login"), 300.0) is Event.REFRESH
+    assert choose_renewal(Lifecycle(token=t), 300.0) is Event.REFRESH  # an expired token: refresh first
+    for grant in ("refresh_token", "authorization_code"):  # a login would resend a rotated token / a spent code
+        assert choose_renewal(Lifecycle(grant_type=grant, token=t, last_attempt="refresh"), 300.0) is Event.REFRESH
+
+
+def test_on_granted_hands_back_a_replaced_live_session():
+    """A login replacing a token whose refresh token lives returns the old token, to end its session; a refresh,
+    or a login after the refresh token was refused, returns none."""
+    old = token(300.0, at=0.0, refresh_in=1800.0, refresh="rt-old")
+    new = token(300.0, at=400.0, refresh_in=1800.0, refresh="rt-new")
+    lc = Lifecycle(phase=Phase.LOGGING_IN, token=old, last_attempt="refresh", transient_failures=3)
+    after, replaced = state.on_granted(lc, "login", new, 400.0)
+    assert replaced is old
+    assert (after.phase, after.token, after.transient_failures, after.login_ended_at) == (Phase.HOLDING, new, 0, 400.0)
+    assert state.on_granted(dataclasses.replace(lc, phase=Phase.REFRESHING), "refresh", new, 400.0)[1] is None
+    assert state.on_granted(dataclasses.replace(lc, refresh_refused=True), "login", new, 400.0)[1] is None
+
+
+def test_login_wait_spaces_logins():
+    """A login may follow the previous one only MIN_LOGIN_INTERVAL_S after its answer."""
+    lc = state.on_rejected(Lifecycle(phase=Phase.LOGGING_IN), "login", 10.0, 0.5, policy=lambda attempt, rand: 0.0)
+    assert state.login_wait(lc, 10.0) == state.MIN_LOGIN_INTERVAL_S
+    assert state.login_wait(lc, 10.0 + state.MIN_LOGIN_INTERVAL_S) == 0.0
+    assert state.login_wait(Lifecycle(), 0.0) == 0.0
+
+
+def test_a_spent_code_blocks_logins():
+    """authorization_code: any answer to the exchange spends the code; a 'later' answer or a lost request does not."""
+    lc = Lifecycle(grant_type="authorization_code", phase=Phase.LOGGING_IN)
+    assert not state.login_blocked(lc)
+    assert state.login_blocked(state.on_rejected(lc, "login", 0.0, 0.0))
+    assert state.login_blocked(state.on_failed(lc, "login", 0.0, 0.0, reason="invalid_response"))
+    assert not state.login_blocked(state.on_failed(lc, "login", 0.0, 0.0, reason="server_error"))
+    assert state.login_blocked(state.on_granted(lc, "login", token(300.0), 0.0)[0])
+
+
+def test_upstream_401_evidence():
+    """A 401 on an accepted token may renew at once, EVIDENCE_BURST times in a row; on a token obtained on
+    schedule FRESH_BURST times; on one a 401 renewal obtained only after FUTILE_SPACING_S, doubling, until a
+    token is accepted."""
+    t = token(300.0)
+    lc = state.on_accepted(Lifecycle(token=t), t)
+    assert lc.accepted and state.on_accepted(lc, token(300.0)) is lc  # another token's acceptance changes nothing
+    for _ in range(int(state.EVIDENCE_BURST)):
+        lc = state.on_upstream_rejected(lc, 0.0)
+        assert lc is not None
+    assert state.on_upstream_rejected(lc, 0.0) is None
+    assert state.on_upstream_rejected(lc, state.EVIDENCE_REFILL_S) is not None
+    fresh = Lifecycle(token=t)
+    for _ in range(int(state.FRESH_BURST)):
+        fresh = state.on_upstream_rejected(fresh, 0.0)
+        assert fresh is not None
+    assert state.on_upstream_rejected(fresh, 0.0) is None
+    futile = Lifecycle(token=t, from_401=True, renewed_401_at=0.0)
+    assert state.on_upstream_rejected(futile, state.FUTILE_SPACING_S - 1) is None
+    futile = state.on_upstream_rejected(futile, state.FUTILE_SPACING_S)
+    assert futile is not None
+    assert state.on_upstream_rejected(futile, 2 * state.FUTILE_SPACING_S) is None  # the next spacing is doubled
+    assert state.on_upstream_rejected(futile, 3 * state.FUTILE_SPACING_S) is not None
+    assert state.on_accepted(futile, t).futile_renewals == 0
 
 
 def test_transient_backoff_is_exponential_jittered_and_bounded():

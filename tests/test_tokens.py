@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import sys
 import time
@@ -14,13 +15,13 @@ from aiohttp import web
 
 from proxy import state
 from proxy.config import AuthConfig, InjectConfig
-from proxy.errors import NoToken, TokenRejected, TokenUnavailable
+from proxy.errors import NoToken, TokenUnavailable
 from proxy.idp import IdentityProvider
 from proxy.observability import TextFormatter
 from proxy.state import Phase, Token, token_clock
 from proxy.tokens import TokenManager
-
-SECRET_MARK = "s3cr3t-tok"  # every token the fake issues contains it; logs must never show it
+from tests.fakes.clock import VirtualTime
+from tests.fakes.idp import SECRET_MARK, FakeIdP, rejected, unavailable
 
 
 class FakeClock:
@@ -34,73 +35,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-class FakeIdP:
-    """Stands in for IdentityProvider: issues numbered tokens, records every call, fails on request.
-
-    ``outcomes`` is a queue of what the next calls do: an exception to raise, or None to grant.
-    ``gate``, when set, holds every call until it is opened.
-    """
-
-    def __init__(
-        self,
-        clock=token_clock,
-        *,
-        lifetime: float = 300.0,
-        refresh_lifetime: float | None = 1800.0,
-        delay: float = 0.0,
-    ) -> None:
-        self.clock = clock
-        self.lifetime = lifetime
-        self.refresh_lifetime = refresh_lifetime
-        self.delay = delay
-        self.outcomes: list[Exception | None] = []
-        self.gate: asyncio.Event | None = None
-        self.calls: list[tuple[str, str | None, float]] = []  # (kind, refresh token presented, clock)
-        self.issued = 0
-        self.ended: list[Token] = []
-
-    @property
-    def kinds(self) -> list[str]:
-        return [kind for kind, _, _ in self.calls]
-
-    async def login(self) -> Token:
-        return await self._grant("login", None)
-
-    async def refresh(self, current: Token) -> Token:
-        return await self._grant("refresh", current.refresh_token)
-
-    async def end_session(self, token: Token) -> str:
-        self.ended.append(token)
-        return "logout"
-
-    async def _grant(self, kind: str, presented: str | None) -> Token:
-        self.calls.append((kind, presented, self.clock()))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.outcomes:
-            outcome = self.outcomes.pop(0)
-            if outcome is not None:
-                raise outcome
-        self.issued += 1
-        now = self.clock()
-        access = f"access-{SECRET_MARK}-{self.issued}"
-        return Token(
-            access_token=access,
-            obtained_at=now,
-            expires_at=now + self.lifetime,
-            refresh_token=f"refresh-{SECRET_MARK}-{self.issued}",
-            refresh_expires_at=None if self.refresh_lifetime is None else now + self.refresh_lifetime,
-            subject="demo",
-            header_value=f"Bearer {access}",
-        )
-
-
-def rejected(description: str = "Invalid user credentials") -> TokenRejected:
-    return TokenRejected("invalid_grant", description, 400)
 
 
 @pytest.fixture
@@ -279,7 +213,7 @@ async def test_401_on_an_old_token_does_not_renew(managers):
     """A 401 for a token that was already replaced returns the current token without a token request."""
     clock = FakeClock()
     idp = FakeIdP(clock)
-    tm = managers(idp, clock=clock, rejection_renewal_interval_s=5.0)
+    tm = managers(idp, clock=clock)
     old = await tm.get()
     new = await tm.renew_rejected(old)
     assert new is not None and new is not old
@@ -289,18 +223,75 @@ async def test_401_on_an_old_token_does_not_renew(managers):
     assert idp.kinds == ["login", "refresh"]
 
 
-async def test_repeated_401_on_the_new_token_is_not_renewed_at_once(managers):
-    """A 401 on a token just obtained by a 401-renewal is passed back (no retry), not renewed in a loop."""
+async def test_a_token_the_upstream_accepted_is_renewed_at_once_on_every_revoke(managers):
+    """Revoked, renewed, accepted, revoked again a second later: each 401 on a token the upstream had
+    accepted renews at once, however soon after the last renewal (no 401 reaches a client)."""
     clock = FakeClock()
     idp = FakeIdP(clock)
-    tm = managers(idp, clock=clock, rejection_renewal_interval_s=5.0)
-    first = await tm.get()
-    second = await tm.renew_rejected(first)
-    assert await tm.renew_rejected(second) is None
-    assert idp.kinds == ["login", "refresh"]
-    clock.advance(5.0)  # after the interval, a 401 may renew again
-    assert await tm.renew_rejected(second) is not None
-    assert idp.kinds == ["login", "refresh", "refresh"]
+    tm = managers(idp, clock=clock)
+    token = await tm.get()
+    for _ in range(4):
+        tm.accepted(token)  # the upstream answered 200 to it
+        clock.advance(1.0)
+        renewed = await tm.renew_rejected(token)  # ... and now 401: revoked
+        assert renewed is not None and renewed is not token
+        token = renewed
+    assert idp.kinds == ["login"] + ["refresh"] * 4
+
+
+async def test_a_path_that_always_answers_401_costs_a_handful_of_token_requests_an_hour(managers):
+    """A path that always answers 401 (no token is ever accepted), a request every second for two hours: one
+    renewal, then a minute, two, four ... between them (each renewal's token was rejected too: renewing does
+    not help); about six token requests in the first hour, one or two in the second."""
+    clock = FakeClock()
+    idp = FakeIdP(clock, lifetime=36000.0, refresh_lifetime=None)
+    tm = managers(idp, clock=clock)
+    token = await tm.get()
+    renewed_at: list[float] = []
+    started = clock.now
+    for _ in range(2 * 3600):
+        renewed = await tm.renew_rejected(tm.usable() or token)
+        if renewed is not None:
+            renewed_at.append(clock.now - started)
+        clock.advance(1.0)
+    assert renewed_at[:3] == [0.0, 60.0, 180.0]
+    first_hour = [t for t in renewed_at if t < 3600]
+    assert len(first_hour) <= 7, renewed_at
+    assert len(renewed_at) - len(first_hour) <= 2, renewed_at
+    assert len(idp.calls) == 1 + len(renewed_at)
+
+
+async def test_401s_on_one_path_among_accepted_requests_stay_bounded(managers):
+    """Every token is accepted on most paths and rejected on one: the renewals of accepted tokens are
+    bounded too (a handful at once, then one every EVIDENCE_REFILL_S), not one per request to that path."""
+    clock = FakeClock()
+    idp = FakeIdP(clock, lifetime=36000.0, refresh_lifetime=None)
+    tm = managers(idp, clock=clock)
+    await tm.get()
+    for _ in range(3600):  # an hour: every second a 200 on /ok, then a 401 on /bad
+        tm.accepted(tm.usable())
+        await tm.renew_rejected(tm.usable())
+        clock.advance(1.0)
+    renewals = len(idp.calls) - 1
+    assert renewals <= state.EVIDENCE_BURST + 3600 / state.EVIDENCE_REFILL_S + 1, renewals
+
+
+async def test_a_renewal_withheld_passes_the_401_back_without_a_token_request(managers):
+    """A 401 on the token a 401-triggered renewal just obtained, never accepted: None at once, no token request;
+    a token obtained on schedule since then is renewed again (a second revoke right after a refresh)."""
+    clock = FakeClock()
+    idp = FakeIdP(clock, lifetime=100.0)
+    tm = managers(idp, clock=clock)
+    await tm.get()
+    assert await tm.renew_rejected(tm.usable()) is not None
+    calls = len(idp.calls)
+    assert await tm.renew_rejected(tm.usable()) is None
+    assert len(idp.calls) == calls
+    clock.advance(50.0)
+    await tm.get()  # the renewal due at half the lifetime ...
+    await tm._join_flight(None)  # ... as the scheduler would run it
+    assert len(idp.calls) == calls + 1
+    assert await tm.renew_rejected(tm.usable()) is not None
 
 
 async def test_transient_failure_keeps_the_valid_token_and_backs_off(managers):
@@ -328,21 +319,21 @@ async def test_transient_failure_keeps_the_valid_token_and_backs_off(managers):
 
 
 async def test_transient_failure_without_a_token_gives_no_token_until_the_backoff_ends(managers):
-    """With no usable token, requests during the backoff get NoToken at once, with no token request."""
+    """With no usable token, requests during the backoff (a few seconds) get NoToken at once, with no token request."""
     clock = FakeClock()
     idp = FakeIdP(clock)
-    tm = managers(idp, clock=clock)
+    tm = managers(idp, clock=clock, rand=lambda: 0.0)
     idp.outcomes = [TokenUnavailable("token endpoint unreachable (connection refused)", reason="unreachable")]
     with pytest.raises(NoToken) as info:
         await tm.get()
     assert tm.phase is Phase.BACKING_OFF
     assert "unreachable" in info.value.detail
-    assert info.value.retry_after == 1.0  # the first backoff is under 1 s; Retry-After is at least 1
+    assert info.value.retry_after == state.NO_TOKEN_RETRY_S  # a few seconds, not the minutes of a long outage
     for _ in range(100):
         with pytest.raises(NoToken):
             await tm.get()
     assert len(idp.calls) == 1
-    clock.advance(1.0)  # the first transient backoff is at most 1 s
+    clock.advance(state.NO_TOKEN_RETRY_S)
     assert (await tm.get()).access_token.endswith("-1")
     assert idp.kinds == ["login", "login"]
 
@@ -391,24 +382,36 @@ async def test_rejected_login_gives_no_token_with_reason_and_waits_minutes(manag
 
 async def test_rejected_login_is_not_retried_in_a_tight_loop(managers):
     """With the scheduler running and requests hammering, logins are spaced by the rejected backoff."""
-    idp = FakeIdP()
+    vt = VirtualTime()
+    idp = FakeIdP(vt)
     idp.outcomes = [rejected()] * 1000
-    tm = managers(idp, rejected_backoff=lambda attempt, rand: 0.25)
+    tm = managers(idp, clock=vt, sleep=vt.sleep, rejected_backoff=lambda attempt, rand: 5.0)
     tm.start()
-    window = 1.5
-    deadline = time.monotonic() + window
     refused = 0
-    for _ in range(10_000):
-        if time.monotonic() >= deadline:
-            break
+    for _ in range(600):  # a request every 50 ms for 30 s
         try:
             await tm.get()
         except NoToken:
             refused += 1
-        await asyncio.sleep(0.001)
-    assert refused > 10
-    assert 2 <= len(idp.calls) <= window / 0.25 + 2
+        await vt.run_for(0.05)
+    assert refused == 600
+    assert 6 <= len(idp.calls) <= 7
     assert tm.phase is Phase.REJECTED
+
+
+async def test_logins_are_one_at_a_time_and_at_least_a_second_apart(managers):
+    """Even with no backoff at all after a refusal (a test policy of 0 s), a second login never follows the
+    first within MIN_LOGIN_INTERVAL_S: Keycloak locks an account for a minute after two quick failures."""
+    vt = VirtualTime()
+    idp = FakeIdP(vt, delay=0.05, sleep=vt.sleep)
+    idp.outcomes = [rejected()] * 1000
+    tm = managers(idp, clock=vt, sleep=vt.sleep, rejected_backoff=lambda attempt, rand: 0.0)
+    tm.start()
+    await vt.run_for(10.0)
+    times = idp.times("login")
+    assert 8 <= len(times) <= 11
+    assert all(b - a >= state.MIN_LOGIN_INTERVAL_S for a, b in itertools.pairwise(times)), times
+    assert idp.most_in_flight == 1
 
 
 async def test_renewal_after_refresh_and_login_were_rejected(managers):
@@ -488,3 +491,102 @@ def test_token_times_count_the_time_the_machine_slept():
     assert abs((token_clock() - at) - (time.monotonic() - started)) < 0.01  # same rate while awake
     for cls in (TokenManager, IdentityProvider):
         assert inspect.signature(cls).parameters["clock"].default is token_clock
+
+
+# --- the retry schedule, refresh first, on virtual time ----------------------------------------------
+
+
+async def test_transient_refresh_failures_are_retried_as_refreshes_while_the_token_can_be_sent(managers):
+    """Five 503s in a row on the refresh of a 300 s token: every retry is a refresh, several fit before the
+    token stops being sent, none waits longer than a third of what is left, and no login opens a new session."""
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=300.0, sleep=vt.sleep)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
+    tm.start()
+    await vt.run_for(0.1)
+    first = tm.usable()
+    idp.outcomes = [unavailable()] * 5
+    await vt.run_until(lambda: tm.usable() is not first, within=300.0, step=1.0)
+    assert idp.kinds == ["login"] + ["refresh"] * 6
+    times = idp.times()[1:]
+    for before, after in itertools.pairwise(times):
+        assert after - before <= (first.usable_until - before) / 3 + 1e-6
+        assert after - before >= state.RETRY_FLOOR_S
+    assert times[-1] < first.usable_until
+    assert tm.status()["counters"] == {"logins": 1, "refreshes": 1, "failures": 5, "rejections": 0}
+    assert idp.ended == []
+
+
+async def test_a_login_replaces_a_session_only_once_the_token_cannot_be_sent_and_ends_the_old_one(managers, caplog):
+    """Refreshes fail until the access token can no longer be sent: then a login, and the session it replaces
+    (its refresh token still alive) is ended at the provider, so sessions do not pile up."""
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=30.0, sleep=vt.sleep)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
+    tm.start()
+    await vt.run_for(0.1)
+    first = tm.usable()
+    idp.failing = {"refresh"}  # the refresh path is broken (Keycloak's refresh lock timing out, say)
+    await vt.run_until(lambda: tm.usable() is not first and tm.usable() is not None, within=60.0)
+    login_at = idp.times("login")[1]
+    assert login_at >= first.usable_until  # never while the token could still be sent
+    assert all(kind == "refresh" for kind, _, at in idp.calls[1:] if at < first.usable_until)
+    assert idp.kinds[-1] == "login"
+    await vt.run_for(0.1)
+    assert idp.ended and idp.ended[0] is first  # the replaced session, by its (live) refresh token
+    assert [r.fields.get("why") for r in caplog.records if r.getMessage() == "token.session_ended"] == [
+        "replaced by a new login"
+    ]
+
+
+async def test_a_refused_refresh_logs_in_without_ending_a_session(managers):
+    """A refresh token the provider refused is dead: the login that follows has no old session to end."""
+    clock = FakeClock()
+    idp = FakeIdP(clock, lifetime=100.0)
+    tm = managers(idp, clock=clock)
+    await tm.get()
+    clock.advance(100.0)
+    idp.outcomes = [rejected("Session not active")]
+    await tm.get()
+    await asyncio.sleep(0)
+    assert idp.kinds == ["login", "refresh", "login"]
+    assert idp.ended == []
+
+
+async def test_a_ten_minute_outage_costs_about_one_request_every_10s_after_the_first_minute(managers):
+    """The provider is down for ten minutes from the start: token requests stay a few seconds apart at first,
+    then at most about one every 10 s, and once the provider is back the next attempt gets a token."""
+    vt = VirtualTime()
+    idp = FakeIdP(vt, sleep=vt.sleep, delay=0.05)
+    idp.outcomes = [unavailable()] * 10_000
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
+    started = vt.now
+    tm.start()
+    await vt.run_for(600.0)
+    times = [t - started for t in idp.times()]
+    first_minute = [t for t in times if t < 60]
+    assert len(first_minute) >= 10  # a few seconds apart while requests wait
+    assert all(b - a >= state.NO_TOKEN_RETRY_S for a, b in itertools.pairwise(times))
+    later = [t for t in times if t >= 60]
+    assert len(later) <= 540 / 10, later
+    assert all(b - a >= 9.9 for a, b in itertools.pairwise(later)), later
+    idp.outcomes = []
+    await vt.run_until(lambda: tm.usable() is not None, within=state.TRANSIENT_BACKOFF_CAP_S * 1.6)
+
+
+def test_retry_delay_fits_the_token_that_is_left():
+    """The schedule as a function: a third of what is left at most, never below the floor; without a token a
+    few seconds, growing with the outage up to the cap; Retry-After is a floor."""
+    held = state.Lifecycle(token=Token("a", obtained_at=0.0, expires_at=3.0), transient_failures=1, failing_since=1.5)
+    assert held.token.usable_until == pytest.approx(2.7)
+    assert state.retry_delay(held, 1.5, 0.99) == pytest.approx(1.2 / 3)
+    assert state.retry_delay(held, 2.5, 0.99) == state.RETRY_FLOOR_S
+    many = state.Lifecycle(token=Token("a", obtained_at=0.0, expires_at=3600.0), transient_failures=20)
+    assert state.retry_delay(many, 100.0, 0.99) <= state.TRANSIENT_BACKOFF_CAP_S
+    gone = state.Lifecycle(transient_failures=9, failing_since=0.0)
+    assert state.retry_delay(gone, 1.0, 0.0) == state.NO_TOKEN_RETRY_S
+    assert state.NO_TOKEN_RETRY_S <= state.retry_delay(gone, 1.0, 0.99) <= 1.5 * state.NO_TOKEN_RETRY_S
+    assert state.retry_delay(gone, 60.0, 0.0) == pytest.approx(10.0)
+    assert state.retry_delay(gone, 3600.0, 0.0) == state.TRANSIENT_BACKOFF_CAP_S
+    assert state.retry_delay(gone, 1.0, 0.0, retry_after=30.0) == 30.0
+    assert state.retry_delay(gone, 1.0, 0.0, retry_after=1e9) == state.RETRY_AFTER_CAP_S

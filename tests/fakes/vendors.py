@@ -390,3 +390,53 @@ async def start_fake(aiohttp_server: Any, fake: FakeT) -> FakeT:
     server = await aiohttp_server(fake.app())
     fake.base_url = str(server.make_url("")).rstrip("/")
     return fake
+
+
+# --- a certified OpenID Provider (panva's oidc-provider, in its defaults' shape) ------------------
+
+
+class FakeOIDCProvider(FakeOAuth2):
+    """An OpenID Provider that is not Keycloak: discovery at ``/.well-known/openid-configuration``, an
+    ``end_session_endpoint`` that is RP-initiated logout (a browser page: 200 HTML whatever is posted, ending
+    nothing), and an RFC 7009 ``revocation_endpoint`` (200 for any token, RFC 7009 §2.2) that really revokes."""
+
+    token_path = "/token"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.revocations: list[Seen] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self._discovery)
+        app.router.add_route("*", "/session/end", self._end_session_page)
+        app.router.add_post("/token/revocation", self._revoke)
+        app.router.add_post(self.token_path, self._token)
+        app.router.add_route("*", "/{tail:.*}", self._api)
+        return app
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        self.hits["discovery"] += 1
+        return web.json_response(
+            {
+                "issuer": self.base_url,
+                "token_endpoint": self.base_url + self.token_path,
+                "end_session_endpoint": self.base_url + "/session/end",
+                "revocation_endpoint": self.base_url + "/token/revocation",
+            }
+        )
+
+    async def _end_session_page(self, request: web.Request) -> web.Response:
+        self.hits["end_session_page"] += 1
+        await request.read()
+        return web.Response(
+            text="<html><body><form>Do you want to sign out?</form></body></html>", content_type="text/html"
+        )
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        seen = await _read_token_request(request)
+        self.revocations.append(seen)
+        token = seen.fields.get("token", "")
+        self.refresh.pop(token, None)
+        self.access.pop(token, None)
+        return web.Response(status=200)
