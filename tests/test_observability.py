@@ -473,3 +473,12 @@ def test_the_readme_event_table_is_the_registry():
     table = re.findall(r"^\| `([a-z_]+(?:\.[a-z_]+)*)` \|", logs, re.M)
     assert len(table) == len(set(table)), "an event listed twice"
     assert sorted(table) == sorted(EVENTS)
+
+
+def test_every_log_line_the_readme_quotes_names_a_real_event():
+    """A log line quoted anywhere in the README (`warning token.unavailable ...` in the fault tables, the
+    examples under Logs) names an event in EVENTS."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    quoted = set(re.findall(r"(?:`|\dZ )(?:debug|info|warning|error) ([a-z_]+(?:\.[a-z_]+)*)", readme))
+    assert len(quoted) >= 10  # the pattern still finds them
+    assert sorted(quoted - set(EVENTS)) == []
