@@ -149,7 +149,7 @@ def _ready(request: web.Request) -> web.Response:
             {
                 "ready": True,
                 "state": tokens.phase.value,
-                "token_expires_in_s": round(token.expires_at - tokens._clock(), 1),
+                "token_expires_in_s": round(token.expires_at - tokens.now(), 1),
             }
         )
     reason = tokens.reason()

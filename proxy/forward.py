@@ -275,6 +275,8 @@ class Forwarder:
                     upstream, token = await self._send(method, head, body, framing)
                     if upstream.status != 401:
                         break
+            if upstream.status != 401:
+                self._tokens.accepted(token)  # evidence for a later 401: this token was good (state.py)
             return await self._relay(request, upstream, request_id, allowed_origin, progress)
         finally:
             upstream.release()

@@ -215,10 +215,6 @@ async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refus
     assert "invalid_grant" in (await resp.json())["detail"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs forward.py to report accepted tokens: self._tokens.accepted(token) after a non-401 answer",
-)
 async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_server, aiohttp_client):
     """Sessions killed, a GET renews and gets 200, sessions killed again at once: the next POST is renewed and
     retried too (the upstream had accepted the renewed token), so no client sees a 401 (issue #12)."""
