@@ -521,7 +521,7 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
-TARGETS = {  # issue 6: what each ratio must reach
+TARGETS = {  # what each ratio must reach (the performance goals in README "Performance")
     "c64_rps_sidecar_over_nginx": (">=", 0.30),
     "added_p50_us_over_direct_c1": ("<=", 100.0),
     "stream_sidecar_over_nginx": (">=", 0.80),

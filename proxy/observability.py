@@ -55,7 +55,7 @@ EVENTS: Mapping[str, str] = {
     "token.login_rejected": "the provider refused the credentials: backing off",
     "token.rejected_upstream": "the upstream answered 401 to the current token: it is renewed",
     "token.dropped": "a token the upstream rejected is dropped after its renewal was refused too",
-    "token.flight_crashed": "a renewal failed with an unexpected exception (a bug), with its traceback",
+    "token.flight_crashed": "a renewal failed on a bug in the proxy (its type and file:line, never its message)",
     "token.session_ended": "the session was ended at the provider on shutdown (revoke_on_shutdown)",
     "token.session_end_failed": "ending the session at the provider on shutdown failed",
     "idp.discovered": "the endpoints of auth.issuer were found by OpenID discovery",

@@ -36,6 +36,7 @@ import asyncio
 import logging
 import random
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -374,7 +375,11 @@ class TokenManager:
                 self._fail_transient(kind, exc.reason, exc.detail, exc.retry_after)
                 return
             except Exception as exc:
-                logging.getLogger(__name__).exception("token.flight_crashed")
+                # A bug, not the provider: logged on our own logger (formatted and redacted like every line),
+                # by its type and where it happened, never its message (it could quote a response's values).
+                frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+                event("token.flight_crashed", level=logging.ERROR, kind=kind, error=type(exc).__name__, where=where)
                 self._fail_transient(kind, "internal_error", f"internal error ({type(exc).__name__})", None)
                 return
             self._accept(kind, new, for_401=rejected is not None)

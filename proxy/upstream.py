@@ -1,6 +1,6 @@
 """The upstream client: keep-alive HTTP/1.1 connections on asyncio transports, parsed by httptools.
 
-Why not aiohttp's ClientSession: profiled under load (bench/), most of the proxy's CPU per request
+Why not aiohttp's ClientSession: profiled under load (bench/), about half the proxy's CPU per request
 went to the client side (request objects, header re-encoding, timers, a task and several futures per
 request). A reverse proxy to one origin needs much less: a pool of keep-alive connections, the
 request head written as bytes the client sent (never decoded and re-encoded), the response parsed
