@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import jwt
 
-from .config import AuthConfig, InjectConfig, check_url
+from .config import SECRET_KEYS, AuthConfig, InjectConfig, check_url
 from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
 from .providers import PRESETS
@@ -51,8 +51,9 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 # How long a session-ending call may delay shutdown (or --check).
 END_SESSION_TIMEOUT_S = 5.0
 SUPPORTED_TOKEN_TYPES = {"bearer"}
-# Token request fields whose values are secrets (auth_string: base64 of username:password).
-SECRET_FIELDS = ("password", "refresh_token", "code", "code_verifier", "auth_string", "client_secret")
+# Token request fields whose values are secrets: the [auth] secret keys (config.SECRET_KEYS), which are sent
+# under their own names, and auth_string (WebCommander's base64 of username:password).
+SECRET_FIELDS = (*(key for section, key in SECRET_KEYS if section == "auth"), "auth_string")
 # Statuses that, without an OAuth error in the body, say "no token endpoint here": the URL is wrong (or the
 # provider is not serving it yet). The credentials never reached a check, so retrying soon locks nothing.
 NOT_AN_ENDPOINT_STATUSES = {404, 405, 410}
