@@ -47,6 +47,9 @@ TRANSIENT_STATUSES = {408, 425, 429}
 TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error"}
 MAX_DESCRIPTION = 200
 MAX_ERROR_BODY = 64 * 1024
+# A token response (or a discovery document) is a few KiB; one larger than this is not read further, so a
+# hostile or broken endpoint cannot make the sidecar hold any amount of memory (or read until auth.timeout_s).
+MAX_TOKEN_BODY = 1024 * 1024
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # How long a session-ending call may delay shutdown (or --check).
 END_SESSION_TIMEOUT_S = 5.0
@@ -172,10 +175,11 @@ class IdentityProvider:
             success = REVOKE_SUCCESS
         else:
             return "none"
+        redact = Redactor([value for value in fields.values()] + self._secrets())
         try:
-            reply = await self._post(url, fields, form_only=True)
+            reply = await self._post(url, fields, redact, form_only=True)
         except (TokenRejected, TokenUnavailable) as exc:
-            _mask_secrets(exc, Redactor([value for value in fields.values()] + self._secrets()))
+            _mask_secrets(exc, redact)
             raise
         if reply.status != success:
             raise TokenRejected(
@@ -201,6 +205,8 @@ class IdentityProvider:
             return ("auth.grant_type",)
         if error == "code_already_used":
             return ("auth.code",)
+        if error == "refresh_token_spent":
+            return ("auth.refresh_token",)
         grant = {
             "password": ["auth.username", "auth.password"],
             "client_credentials": [],
@@ -228,16 +234,22 @@ class IdentityProvider:
     async def _discover(self, issuer: str) -> Endpoints:
         url = issuer + DISCOVERY_PATH
         try:
-            async with self._session.get(url, timeout=self._timeout) as resp:
+            # Never followed: a redirect is no discovery document (and could point anywhere, over http too).
+            async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise TokenUnavailable(
                         f"OpenID discovery at {url} answered {resp.status}", reason="discovery_failed"
                     )
-                doc = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                raw, whole = await _read_body(resp.content, MAX_TOKEN_BODY)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
                 f"OpenID discovery at {url} failed ({_describe_transport(exc)})", reason="discovery_failed"
             ) from exc
+        if not whole:
+            raise TokenUnavailable(
+                f"OpenID discovery at {url} answered more than {MAX_TOKEN_BODY >> 20} MiB", reason="discovery_failed"
+            )
+        doc = _json_or_raw(raw)
         token_url = doc.get("token_endpoint") if isinstance(doc, dict) else None
         if not isinstance(token_url, str) or check_url(token_url):
             raise TokenUnavailable(
@@ -256,14 +268,25 @@ class IdentityProvider:
 
     async def _grant(self, kind: str, fields: dict[str, str], previous_refresh: str | None) -> Token:
         endpoints = await self.endpoints()
+        # A provider may echo what it was sent; its words end up in /-/ready, /-/status and 503 bodies.
+        redact = Redactor([fields.get(k, "") for k in SECRET_FIELDS] + self._secrets())
         try:
             # A lifetime counts from when the token was asked for: the provider issued it somewhere between
             # then and the answer's arrival, and a slow answer has already used up part of it.
             asked_at, asked_wall = self._clock(), self._wall()
-            reply = await self._post(endpoints.token, fields)
+            reply = await self._post(endpoints.token, fields, redact)
             if reply.status >= 300:
-                raise _error_from_response(reply, url=endpoints.token)
-            token = self._parse_token(reply, asked_at, asked_wall, previous_refresh)
+                raise _error_from_response(reply, redact, url=endpoints.token)
+            try:
+                token = self._parse_token(reply, asked_at, asked_wall, previous_refresh, redact)
+            except (TokenRejected, TokenUnavailable):
+                raise
+            except Exception as exc:  # any answer we cannot read is an unusable answer (it spent a one-time code)
+                raise TokenUnavailable(
+                    f"token endpoint answered {reply.status} with a response that cannot be read "
+                    f"({type(exc).__name__})",
+                    reason="invalid_response",
+                ) from exc
             if token.usable_until <= self._clock():
                 raise TokenUnavailable(
                     f"token endpoint took {self._clock() - asked_at:.1f}s to answer; the token it issued expires "
@@ -272,13 +295,15 @@ class IdentityProvider:
                 )
             return token
         except (TokenRejected, TokenUnavailable) as exc:
-            # A provider may echo what it was sent; its words end up in /-/ready, /-/status and 503 bodies.
-            sent = [fields.get(k, "") for k in SECRET_FIELDS] + self._secrets()
-            _mask_secrets(exc, Redactor(sent))
+            _mask_secrets(exc, redact)  # again, for the words that are not the provider's (a safety net)
             raise
 
-    async def _post(self, url: str, fields: Mapping[str, str], form_only: bool = False) -> Reply:
-        """POST ``fields`` with client authentication; the body comes back parsed, or raw when not JSON."""
+    async def _post(self, url: str, fields: Mapping[str, str], redact: Redactor, form_only: bool = False) -> Reply:
+        """POST ``fields`` with client authentication; the body comes back parsed, or raw when not JSON.
+
+        Redirects are never followed: aiohttp would POST the form (password, client secret) again to
+        wherever a 307 points, over plain http too; a 3xx is "not a token endpoint" (_error_from_response).
+        """
         a = self._auth
         payload: dict[str, Any] = dict(fields)
         headers = {"Accept": "application/json"}
@@ -299,28 +324,34 @@ class IdentityProvider:
         else:
             data = urlencode({k: _form_value(v) for k, v in payload.items()})
         try:
-            async with self._session.post(url, data=data, headers=headers, timeout=self._timeout) as resp:
-                raw = await resp.content.read(MAX_ERROR_BODY if resp.status >= 300 else -1)
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+            async with self._session.post(
+                url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
                 status, content_type = resp.status, resp.content_type
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                # An error body is only described (its first MAX_ERROR_BODY bytes); a token body must be whole.
+                raw, whole = await _read_body(resp.content, MAX_ERROR_BODY if status >= 300 else MAX_TOKEN_BODY)
         except TimeoutError as exc:
             raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
                 f"token endpoint unreachable ({_describe_transport(exc)})", reason="unreachable"
             ) from exc
-        try:
-            parsed: Any = json.loads(raw) if raw else None
-        except ValueError:  # includes UnicodeDecodeError
-            parsed = raw
-        reply = Reply(status, parsed, content_type)
+        if not whole and status < 300:
+            raise TokenUnavailable(
+                f"token endpoint answered {status} with more than {MAX_TOKEN_BODY >> 20} MiB, not a token response",
+                reason="invalid_response",
+            )
+        reply = Reply(status, _json_or_raw(raw), content_type)
         if status in TRANSIENT_STATUSES or status >= 500:
-            raise _error_from_response(reply, retry_after)
+            raise _error_from_response(reply, redact, retry_after)
         return reply
 
     # --- parsing ---------------------------------------------------------------------------------
 
-    def _parse_token(self, reply: Reply, sent: float, sent_wall: float, previous_refresh: str | None) -> Token:
+    def _parse_token(
+        self, reply: Reply, sent: float, sent_wall: float, previous_refresh: str | None, redact: Redactor
+    ) -> Token:
         body = reply.body
         if not isinstance(body, dict):
             raise TokenUnavailable(
@@ -331,12 +362,12 @@ class IdentityProvider:
         error = body.get("error")
         if not access and isinstance(error, str) and error and error not in TRANSIENT_ERRORS:
             # Some providers answer 200 with an OAuth error (a wrong password): a refusal like a 400.
-            raise _error_from_response(reply)
+            raise _error_from_response(reply, redact)
         if not isinstance(access, str) or not access:
             problem = "no access_token" if access is None else "an access_token that is not a non-empty string"
             if body.get("error"):  # some providers answer 200 with an OAuth error
-                problem += f" (error: {_clean(body['error'])}"
-                problem += f": {_clean(body['error_description'])})" if body.get("error_description") else ")"
+                problem += f" (error: {_clean(body['error'], redact)}"
+                problem += f": {_clean(body['error_description'], redact)})" if body.get("error_description") else ")"
             raise TokenUnavailable(f"token response has {problem}", reason="invalid_response")
         if not access.isascii() or not access.isprintable() or any(c.isspace() for c in access):
             raise TokenUnavailable(
@@ -357,7 +388,7 @@ class IdentityProvider:
         refresh_expires_at = None
         refresh_in = _number(next((body[k] for k in REFRESH_EXPIRY_FIELDS if body.get(k) is not None), None))
         if refresh_in is not None and refresh_in > 0:  # Keycloak: 0 means no expiry (offline token)
-            refresh_expires_at = sent + refresh_in
+            refresh_expires_at = sent + min(refresh_in, MAX_LIFETIME_S)
         subject = claims.get("preferred_username") or claims.get("sub") or self._auth.username or self._auth.client_id
         return Token(
             access_token=access,
@@ -365,16 +396,21 @@ class IdentityProvider:
             expires_at=sent + lifetime,
             refresh_token=refresh,
             refresh_expires_at=refresh_expires_at,
-            subject=str(subject),
+            subject=_clean(subject),  # a provider's text: it is logged and shown
             scope=str(body.get("scope") or ""),
             wall_expires_at=sent_wall + lifetime,
             header_value=self._inject.value.replace("{token}", access),
+            refresh_rotated=previous_refresh is not None and refresh != previous_refresh,
         )
 
     def _lifetime(self, expires_in: Any, claims: dict[str, Any], sent_wall: float) -> float:
         """The shorter of ``expires_in`` and the JWT's ``exp`` (relative to its ``iat``), else the configured
-        default. The upstream checks ``exp``: an ``expires_in`` promising more would have expired tokens sent.
-        Without ``iat``, ``exp`` is read against the local clock, and only when there is no ``expires_in``."""
+        default (only when the answer has neither). The upstream checks ``exp``: an ``expires_in`` promising
+        more would have expired tokens sent. Without ``expires_in``, ``exp`` is also read against the local
+        clock (a JWT cached by a gateway: ``iat`` long ago), which can only shorten the lifetime; with
+        ``expires_in`` and no ``iat``, ``exp`` is not read (a clock running ahead would shorten it).
+
+        A token that these say is already dead is ``expired_on_arrival``: never sent for the default."""
         found: list[float] = []
         if expires_in is not None:
             seconds = _number(expires_in)
@@ -383,16 +419,26 @@ class IdentityProvider:
                     f"token response has an expires_in that is not a number ({str(expires_in)[:40]!r})",
                     reason="invalid_response",
                 )
-            if seconds > 0:
-                found.append(seconds)
+            if seconds <= 0:
+                raise TokenUnavailable(
+                    f"token response has expires_in {seconds:g}: the token is already expired",
+                    reason="expired_on_arrival",
+                )
+            found.append(seconds)
         exp = _number(claims.get("exp"))
-        if exp is not None:
-            iat = _number(claims.get("iat"))
-            if iat is not None:
-                seconds = exp - iat
-            else:  # only the local clock to read it against: a clock running ahead would shorten it
-                seconds = exp - sent_wall if not found else 0.0
-            if seconds > 0:
+        iat = _number(claims.get("iat"))
+        # Without iat, and with an expires_in, exp is only the local clock's reading: expires_in is the better one.
+        if exp is not None and (iat is not None or not found):
+            by_wall = exp - sent_wall
+            seconds = exp - iat if iat is not None else by_wall
+            if iat is not None and not found and by_wall > 0:
+                seconds = min(seconds, by_wall)
+            if seconds <= 0:
+                raise TokenUnavailable(
+                    "token response has a JWT access token whose exp says it is already expired",
+                    reason="expired_on_arrival",
+                )
+            if not math.isnan(seconds):  # NaN: exp and iat both "never" (a 400-digit integer each)
                 found.append(seconds)
         return min(min(found, default=self._auth.default_lifetime_s), MAX_LIFETIME_S)
 
@@ -410,6 +456,8 @@ async def try_end_session(idp: SessionEnder, token: Token) -> tuple[bool, str]:
         return False, "timed out"
     except (TokenRejected, TokenUnavailable) as exc:
         return False, exc.detail
+    except Exception as exc:  # a bug, or an answer nothing expected: shutdown goes on; named by type only
+        return False, f"failed ({type(exc).__name__})"
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -418,7 +466,7 @@ def _jwt_claims(token: str) -> dict[str, Any]:
         return {}
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, ValueError, RecursionError):  # RecursionError: a payload nested thousands deep
         return {}
     return claims if isinstance(claims, dict) else {}
 
@@ -431,11 +479,17 @@ def _form_value(value: Any) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A finite JSON number, or a string holding one (some providers send "3600"); None otherwise."""
+    """A finite JSON number, or a string holding one (some providers send "3600"); None otherwise. An
+    integer too large for a float (a 400-digit "never expires") is infinite, for the caller to cap."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        number = float(value)
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        number = value
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -468,9 +522,36 @@ def _mask_secrets(exc: TokenRejected | TokenUnavailable, redact: Redactor) -> No
         exc.error, exc.description = redact(exc.error), redact(exc.description)
 
 
-def _clean(text: Any) -> str:
-    """A provider's text, made safe to log: printable, short."""
-    out = "".join(c if c.isprintable() else " " for c in str(text))
+async def _read_body(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a body, and whether that was all of it (read() returns what has arrived,
+    so one call may give only the first chunk)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit], False
+
+
+def _json_or_raw(raw: bytes) -> Any:
+    """The parsed JSON, the raw bytes when they are not JSON, None when empty."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError; RecursionError: "[[[[..."
+        return raw
+
+
+def _clean(text: Any, redact: Callable[[str], str] | None = None) -> str:
+    """A provider's text, made safe to log: printable, without the secrets it may echo, short. Redacted
+    before it is cut: a secret cut in two would no longer be recognised."""
+    out = "".join(c if c.isprintable() else " " for c in str(text)[:MAX_ERROR_BODY])
+    if redact is not None:
+        out = redact(out)
     return out[:MAX_DESCRIPTION]
 
 
@@ -487,14 +568,16 @@ def _describe_body(reply: Reply) -> str:
     return f"a JSON {kinds.get(type(body), 'number')}"
 
 
-def _error_from_response(reply: Reply, retry_after: float | None = None, url: str = "") -> Exception:
+def _error_from_response(
+    reply: Reply, redact: Callable[[str], str] | None = None, retry_after: float | None = None, url: str = ""
+) -> Exception:
     """The error for a token endpoint's non-2xx answer (or a 200 carrying an OAuth error); ``url``, the
     endpoint's, is named when the answer is no OAuth answer at all (a URL holds no secret: config.check_url)."""
     status, body = reply.status, reply.body
     error = description = ""
     if isinstance(body, dict):
-        error = _clean(body.get("error") or "")
-        description = _clean(body.get("error_description") or "")
+        error = _clean(body.get("error") or "", redact)
+        description = _clean(body.get("error_description") or "", redact)
     if status == 429:
         return TokenUnavailable(
             f"token endpoint is rate limiting (429{': ' + error if error else ''})",

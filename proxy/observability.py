@@ -142,8 +142,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _text(value: Any) -> str:
+    """A field's value as the text format writes it: bare when it is one printable word, else a JSON string,
+    so that no value (a provider's subject holding a newline) can end the line or forge another."""
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    return json.dumps(text) if (not text or " " in text or not text.isprintable()) else text
 
 
 def event(name: str, level: int = logging.INFO, logger: logging.Logger = log, **fields: Any) -> None:

@@ -67,10 +67,18 @@ MAX_MARGIN_FRACTION = 0.5
 # ... and never later than two expiry skews before expiry: a margin shorter than the skew (0 s, 1 s)
 # would schedule the refresh after the token already stopped being sent, and requests would wait.
 MIN_MARGIN_SKEWS = 2.0
+# ... and never sooner than this after the token was asked for: a provider issuing 50 ms tokens (or a
+# refresh_expires_in just over REFRESH_TOKEN_SKEW_S) would otherwise be asked every 25 ms, forever. Half a
+# second: at most two scheduled renewals a second, while a 1 s token (the shortest the tests use; no provider
+# issues shorter on purpose) is still renewed at half its life, before it stops being sent. A token that
+# lives less is renewed when a request needs it, or at this pace. Retries have RETRY_FLOOR_S.
+MIN_RENEWAL_INTERVAL_S = 0.5
 
 # Grants that can be sent again to open a new session. The others cannot: a configured refresh token
-# was rotated away by the first refresh, an authorization code is spent once answered; with those a
-# renewal is a refresh with the newest refresh token for as long as one lives.
+# is spent once the provider answered it (or a refresh) with a different one (rotation: presenting the old
+# one again is reuse, answered "Stale token", and providers with reuse detection revoke the whole family),
+# an authorization code is spent once answered; with those a renewal is a refresh with the newest refresh
+# token for as long as one lives.
 REPEATABLE_GRANTS = ("password", "client_credentials")
 
 # --- retries after a transient failure (unreachable, 5xx, 429, garbage) ---------------------------
@@ -89,8 +97,10 @@ RETRY_JITTER = 0.5
 TRANSIENT_BACKOFF_CAP_S = 60.0
 # A Retry-After from the provider is honoured up to this long.
 RETRY_AFTER_CAP_S = 600.0
-# A login whose answer was a 200 we could not use, or a token dead on arrival, still spent a one-time code.
-CODE_SPENDING_FAILURES = ("invalid_response", "expired_on_arrival")
+# A login whose answer was a 200 we could not use, or a token dead on arrival, still spent a one-time code;
+# so did one that crashed on our side, as far as we know (the code may have been answered): a code is never
+# sent twice (RFC 6749 §4.1.2), and a new one costs the user a restart, a reused one the session.
+CODE_SPENDING_FAILURES = ("invalid_response", "expired_on_arrival", "internal_error")
 
 # --- logins ---------------------------------------------------------------------------------------
 # Keycloak's brute-force detection counts a failure within quickLoginCheckMilliSeconds (1000) of the
@@ -214,6 +224,9 @@ class Token:
     scope: str = ""
     wall_expires_at: float = 0.0  # for display only (status, --check)
     header_value: str = field(default="", repr=False)  # the injected header's value, built once
+    # The answer carried a refresh token other than the one presented (RFC 6749 §6 rotation: the one
+    # presented may be revoked, and presenting it again is reuse).
+    refresh_rotated: bool = False
     # Derived once, read by every request (the hot path compares a clock with it and sends the bytes).
     usable_until: float = field(init=False, repr=False, compare=False)
     header_bytes: bytes = field(init=False, repr=False, compare=False)
@@ -239,14 +252,15 @@ class Token:
         """When to start renewing: ``margin`` before expiry, but not before half the lifetime and
         while the token can still be sent; earlier, by the same rule, when the refresh token would die
         first (an identity provider's session idle time shorter than the access token's life), so the
-        session is kept by a refresh instead of being lost (a spent authorization code cannot log in)."""
+        session is kept by a refresh instead of being lost (a spent authorization code cannot log in).
+        Never sooner than MIN_RENEWAL_INTERVAL_S after the token was asked for."""
         margin = max(margin, MIN_MARGIN_SKEWS * self.skew)
         due = self.expires_at - min(margin, self.lifetime * MAX_MARGIN_FRACTION)
         if self.refresh_token and self.refresh_expires_at is not None:
             last = self.refresh_expires_at - REFRESH_TOKEN_SKEW_S  # the refresh token's last moment
             if self.obtained_at < last < due:
                 due = last - min(margin, (last - self.obtained_at) * MAX_MARGIN_FRACTION)
-        return due
+        return max(due, self.obtained_at + MIN_RENEWAL_INTERVAL_S)
 
     def unusable_at(self) -> float:
         """From when on the token must not be sent."""
@@ -303,6 +317,8 @@ class Lifecycle:
     refresh_refused: bool = False  # the provider refused the current token's refresh token
     refresh_unsupported: bool = False  # the provider answered unsupported_grant_type to a refresh: never again
     code_spent: bool = False  # authorization_code: the code was answered once and is never sent again
+    # refresh_token: the configured refresh token was rotated away (a different one was received): never sent again
+    configured_refresh_spent: bool = False
     last_attempt: str = ""  # login | refresh: what failed last since the last grant
     transient_failures: int = 0  # in a row, since the last grant
     rejections: int = 0  # refused logins in a row
@@ -346,8 +362,11 @@ def choose_renewal(lc: Lifecycle, now: float) -> Event:
 
 
 def login_blocked(lc: Lifecycle) -> bool:
-    """No login is possible: the one-time authorization code was already answered."""
-    return lc.grant_type == "authorization_code" and lc.code_spent
+    """No login is possible: the one-time authorization code was already answered, or the configured
+    refresh token was rotated away."""
+    if lc.grant_type == "authorization_code":
+        return lc.code_spent
+    return lc.grant_type == "refresh_token" and lc.configured_refresh_spent
 
 
 def login_wait(lc: Lifecycle, now: float) -> float:
@@ -381,6 +400,9 @@ def on_granted(
         from_401=for_401,
         refresh_refused=False,
         code_spent=lc.code_spent or (kind == "login" and lc.grant_type == "authorization_code"),
+        # Every refresh token held descends from the configured one: any rotation leaves it behind.
+        configured_refresh_spent=lc.configured_refresh_spent
+        or (lc.grant_type == "refresh_token" and token.refresh_rotated),
         last_attempt="",
         transient_failures=0,
         rejections=0,

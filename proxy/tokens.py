@@ -54,6 +54,11 @@ CODE_SPENT = (
     "the authorization code (auth.code) was already sent once and is never sent twice, and no "
     "refresh token is left to renew with: get a new code, set auth.code and restart"
 )
+REFRESH_TOKEN_SPENT = (
+    "the configured refresh token (auth.refresh_token) was rotated away by the provider and is never sent "
+    "again (that would be refresh-token reuse), and no refresh token is left to renew with: set a new "
+    "auth.refresh_token and restart"
+)
 
 
 class TokenSource(Protocol):
@@ -392,6 +397,8 @@ class TokenManager:
             assert token is not None  # choose_renewal refreshes only a held token
             return await self._idp.refresh(token)
         if state.login_blocked(self._lc):
+            if self._lc.grant_type == "refresh_token":
+                raise TokenRejected("refresh_token_spent", REFRESH_TOKEN_SPENT, 400, detail=REFRESH_TOKEN_SPENT)
             raise TokenRejected("code_already_used", CODE_SPENT, 400, detail=CODE_SPENT)
         wait = state.login_wait(self._lc, self._clock())
         if wait > 0:

@@ -530,7 +530,8 @@ async def test_oauth2_client_credentials_just_fetches_a_new_token(aiohttp_server
 
 
 async def test_oauth2_refresh_token_grant_starts_from_the_configured_token(aiohttp_server, aiohttp_client, caplog):
-    """grant refresh_token: the configured token first, then the newest; when that dies, the configured one again."""
+    """grant refresh_token: the configured token first, then the newest; when that dies, never the configured one
+    again (it was rotated away: presenting it would be refresh-token reuse), but not-ready saying so."""
     fake = await start_fake(aiohttp_server, _o2_fake(rotate_refresh=False))
     configured = fake.add_refresh_token(O2_USER)
     client = await _proxy(aiohttp_client, _o2_mapping(fake, grant_type="refresh_token", refresh_token=configured))
@@ -542,10 +543,12 @@ async def test_oauth2_refresh_token_grant_starts_from_the_configured_token(aioht
     assert all("password" not in s.fields and "username" not in s.fields for s in fake.seen)
     assert [e["refresh_token"] for e in _events(caplog, "token.obtained")] == ["new", "rotated"]
 
-    del fake.refresh[fake.handed_out[4]]  # the newest refresh token dies; the configured one still works
+    del fake.refresh[fake.handed_out[4]]  # the newest refresh token dies (the fake keeps the configured one)
     fake.revoke_all_access()
-    assert (await client.get("/v1/hello")).status == 200
-    assert [s.fields["refresh_token"] for s in fake.seen][-2:] == [fake.handed_out[4], configured]
+    assert (await client.get("/v1/hello")).status == 401  # the upstream's: no token to retry with
+    assert [s.fields["refresh_token"] for s in fake.seen] == [configured, fake.handed_out[2], fake.handed_out[4]]
+    status, body = await _json(client, "/-/ready")
+    assert status == 503 and "auth.refresh_token" in body["detail"] and "rotated away" in body["detail"]
     _assert_not_logged(caplog, configured, *fake.handed_out)
 
 

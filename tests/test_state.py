@@ -109,6 +109,13 @@ def test_refresh_is_due_before_the_token_becomes_unusable(lifetime, margin):
     assert t.health(t.refresh_at(margin), margin) is Health.STALE
 
 
+@pytest.mark.parametrize(("lifetime", "refresh_in"), [(0.05, None), (0.001, None), (300.0, 5.05), (0.2, 5.2)])
+def test_renewals_are_never_scheduled_closer_than_the_minimum_interval(lifetime, refresh_in):
+    """A 50 ms token, or a refresh token living just past its skew, is not due again within MIN_RENEWAL_INTERVAL_S."""
+    t = token(lifetime, at=0.0, refresh_in=refresh_in)
+    assert t.refresh_at(60.0) == pytest.approx(state.MIN_RENEWAL_INTERVAL_S)
+
+
 @pytest.mark.parametrize(
     ("lifetime", "refresh_in", "margin", "due"),
     [
