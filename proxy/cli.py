@@ -26,7 +26,7 @@ from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
 from .listener import LimitedSite, connection_cap, raise_open_files_limit
-from .observability import event, setup_logging
+from .observability import event, flush_access_log, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
@@ -73,7 +73,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     setup_logging(config.log.level, config.log.format, config.secrets())
     if args.check:
         return _run(check(config))
-    return _run(serve(config))
+    try:
+        return _run(serve(config))
+    finally:
+        flush_access_log()  # the last batch of access lines, however the run ended
 
 
 def _run(main_coro: Coroutine[Any, Any, int]) -> int:
@@ -154,6 +157,7 @@ async def serve(
     await stop.wait()
     event("sidecar.stopping", grace_s=config.listen.shutdown_grace_s)
     await runner.cleanup()
+    flush_access_log()  # the drained requests' lines come before the last one
     event("sidecar.stopped")
     return EXIT_OK
 

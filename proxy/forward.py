@@ -18,7 +18,6 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -27,7 +26,7 @@ from yarl import URL
 from .access import Guard
 from .config import Config
 from .errors import BadRequest, NoToken, RequestTimeout, SidecarError, UpstreamUnreachable
-from .observability import Metrics, access_log, event
+from .observability import Metrics, access_log, event, log_request
 from .response import RelayResponse
 from .state import Token
 from .tokens import TokenManager
@@ -211,17 +210,14 @@ class Forwarder:
         finally:
             self._metrics.in_flight_count -= 1
             if self._access_log and access_log.isEnabledFor(logging.INFO):
-                fields: dict[str, Any] = {"outcome": progress.outcome} if progress.outcome else {}
-                event(
-                    "request",
-                    logger=access_log,
-                    method=method,
-                    path=_logged_path(request),
-                    status=progress.status,
-                    bytes=progress.size,
-                    duration_ms=round((time.monotonic() - started) * 1000, 2),
-                    request_id=request_id,
-                    **fields,
+                log_request(
+                    method,
+                    _logged_path(request),
+                    progress.status,
+                    progress.size,
+                    round((time.monotonic() - started) * 1000, 2),
+                    request_id,
+                    progress.outcome,
                 )
 
     async def _forward(

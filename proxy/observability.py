@@ -5,19 +5,29 @@ every one is in :data:`EVENTS`) and structured fields. A token is named by its f
 value. On top of that, :class:`RedactingFilter` masks anything shaped like a JWT or equal to a configured
 secret in every record, as a safety net.
 
+The access line (``request``, one per forwarded request) is the one line on the hot path: once
+:func:`setup_logging` has run, :class:`AccessWriter` builds it as text directly, formatted exactly as the
+handler would format the record, redacts the fields that can carry what a client sent, and hands it to a
+thread that writes a batch every ``ACCESS_FLUSH_S``. A slow stderr never blocks the event loop: past
+``ACCESS_MAX_PENDING`` waiting lines, lines are dropped and counted (``log.access_dropped``).
+
 Metrics use ``prometheus_client`` with one registry per app, so two apps in one process (tests,
 ``--dev``) never share counters.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
 import sys
+import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for a str
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -47,6 +57,7 @@ EVENTS: Mapping[str, str] = {
     "request": "one access line per request (logger oauth_sidecar.access)",
     "request.failed": "the proxy answered 5xx itself (502 unreachable, 503 no token, 504 timeout)",
     "request.malformed": "a request aiohttp's parser refused (400)",
+    "log.access_dropped": "stderr took nothing while ACCESS_MAX_PENDING access lines waited: how many were dropped",
     "upstream.body_interrupted": "the upstream failed mid-body: the client's connection is cut",
     # the token (proxy/tokens.py, proxy/idp.py)
     "token.obtained": "a login or refresh succeeded",
@@ -74,19 +85,27 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: list[str] = []
+        self.generation = 0  # bumped by add(): what was redacted before may need it again
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
         # Very short values would mask ordinary words; they are also not worth guessing.
         self._secrets.extend(s for s in secrets if s and len(s) >= 4)
         self._secrets.sort(key=len, reverse=True)
+        self.generation += 1
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        text = JWT_RE.sub(MASK, text)
-        return BEARER_RE.sub(lambda m: f"{m.group(1)} {MASK}", text)
+        # Each regex only where it can match: a JWT starts with "eyJ"; a scheme word is "bearer" or "basic"
+        # in any case, which lower() finds in ASCII text (outside ASCII, case folding has other spellings:
+        # the regex decides).
+        if "eyJ" in text:
+            text = JWT_RE.sub(MASK, text)
+        if not text.isascii() or "bearer" in (low := text.lower()) or "basic" in low:
+            text = BEARER_RE.sub(lambda m: f"{m.group(1)} {MASK}", text)
+        return text
 
 
 class RedactingFilter(logging.Filter):
@@ -154,6 +173,156 @@ def event(name: str, level: int = logging.INFO, logger: logging.Logger = log, **
         logger.log(level, name, extra={"fields": fields})
 
 
+# --- the access line -----------------------------------------------------------------------------
+
+# How late an access line may reach stderr: a batch a fifth of a second costs one write and one flush
+# for thousands of lines under load, and is still "now" for someone tailing the log.
+ACCESS_FLUSH_S = 0.2
+# Lines waiting while stderr takes none (a stuck pipe, a paused log shipper): about 4 MB at ~200 bytes
+# a line, over a second of the proxy's top rate. Beyond it lines are dropped and counted, never waited for.
+ACCESS_MAX_PENDING = 20_000
+_ACCESS_LOGGER = '"logger": "oauth_sidecar.access"'
+
+
+def log_request(
+    method: str, path: str, status: int, size: int, duration_ms: float, request_id: str, outcome: str = ""
+) -> None:
+    """The access line of one request (the caller has checked ``access_log.isEnabledFor(INFO)``). Written
+    by the :class:`AccessWriter` when the logging is still as :func:`setup_logging` left it; else logged
+    as a record, for whatever handlers (pytest's capture) are in place."""
+    writer = _access_writer
+    if writer is not None and writer.owns_output():
+        writer.write(method, path, status, size, duration_ms, request_id, outcome)
+        return
+    fields: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": size,
+        "duration_ms": duration_ms,
+        "request_id": request_id,
+    }
+    if outcome:
+        fields["outcome"] = outcome
+    access_log.info("request", extra={"fields": fields})
+
+
+class AccessWriter:
+    """Builds access lines as the handler's formatter and :class:`RedactingFilter` would, and writes them
+    in batches from a thread of its own.
+
+    What is redacted: the path (the raw path a client sent, any bytes it liked), the request id (the
+    client's ``X-Request-Id``: any printable ASCII), a method outside the standard ones (any token
+    characters, a JWT included) and the outcome. Status, bytes and duration are numbers, which the
+    record path never redacted either; the event name and the standard methods are redacted once per set
+    of secrets (a configured secret could be "POST").
+    """
+
+    def __init__(self, handler: logging.StreamHandler[Any], fmt: str, redactor: Redactor) -> None:
+        self.handler = handler
+        self._json = fmt == "json"
+        self._redact = redactor
+        self._pending: deque[str] = deque()
+        self.dropped = 0  # counted by the event loop's thread only
+        self._reported = 0  # by the writer's thread only
+        self._event = ""
+        self._plain_methods: frozenset[str] = frozenset()
+        self._generation = -1
+        self._second = -1
+        self._stamp = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def owns_output(self) -> bool:
+        """Whether our records would reach this handler alone: nobody added a handler since."""
+        handlers = log.handlers
+        return len(handlers) == 1 and handlers[0] is self.handler and not access_log.handlers and access_log.propagate
+
+    def write(
+        self, method: str, path: str, status: int, size: int, duration_ms: float, request_id: str, outcome: str
+    ) -> None:
+        pending = self._pending
+        if len(pending) >= ACCESS_MAX_PENDING:
+            self.dropped += 1
+            return
+        redact = self._redact
+        if self._generation != redact.generation:
+            self._generation = redact.generation
+            self._event = redact("request")
+            self._plain_methods = frozenset(m for m in _KNOWN_METHODS if redact(m) == m)
+        if method not in self._plain_methods:
+            method = redact(method)
+        path = redact(path)
+        request_id = redact(request_id)
+        now = time.time()
+        if self._json:
+            line = (
+                f'{{"ts": {round(now, 3)!r}, "level": "info", "event": {_json_str(self._event)}, {_ACCESS_LOGGER}, '
+                f'"method": {_json_str(method)}, "path": {_json_str(path)}, "status": {status:d}, '
+                f'"bytes": {size:d}, "duration_ms": {duration_ms!r}, "request_id": {_json_str(request_id)}'
+            )
+            line += f', "outcome": {_json_str(redact(outcome))}}}\n' if outcome else "}\n"
+        else:
+            second = int(now)
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            line = (
+                f"{self._stamp}Z info {self._event} method={_text(method)} path={_text(path)} status={status:d} "
+                f"bytes={size:d} duration_ms={duration_ms!r} request_id={_text(request_id)}"
+            )
+            line += f" outcome={_text(redact(outcome))}\n" if outcome else "\n"
+        pending.append(line)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="oauth-sidecar-access-log", daemon=True)
+            self._thread.start()
+
+    def flush(self) -> None:
+        """Write every waiting line now (and the count of dropped ones), from the calling thread."""
+        pending = self._pending
+        if not pending and self.dropped == self._reported:
+            return
+        # Under the handler's lock, so batches and the other events' lines never interleave mid-line, and
+        # two flushes (the thread's, a shutdown's) write their batches in order.
+        with self.handler.lock or _NO_LOCK:
+            lines = [pending.popleft() for _ in range(len(pending))]
+            if lines:
+                stream = self.handler.stream
+                try:
+                    stream.write("".join(lines))
+                    stream.flush()
+                except (OSError, ValueError):  # stderr closed or gone: nothing to write to
+                    pass
+            missed = self.dropped - self._reported
+            if missed:
+                self._reported += missed
+                event("log.access_dropped", level=logging.WARNING, lines=missed, max_pending=ACCESS_MAX_PENDING)
+
+    def close(self) -> None:
+        """Stop the thread and write what is left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(ACCESS_FLUSH_S):
+            self.flush()
+
+
+_NO_LOCK = threading.Lock()  # a handler whose lock was never made (createLock overridden)
+_access_writer: AccessWriter | None = None
+
+
+def flush_access_log() -> None:
+    """Write the access lines still waiting (at shutdown; tests that read the log)."""
+    if _access_writer is not None:
+        _access_writer.flush()
+
+
+atexit.register(flush_access_log)
+
+
 class MalformedRequestFilter(logging.Filter):
     """aiohttp logs every malformed request at ERROR with a traceback quoting the raw bytes: any
     client could flood the log with it, and the bytes may hold a header value. One WARNING line
@@ -170,11 +339,15 @@ class MalformedRequestFilter(logging.Filter):
 
 def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), stream: Any = None) -> Redactor:
     """Send our loggers (and aiohttp's) to ``stream`` through the redaction filter."""
+    global _access_writer
     redactor = Redactor(secrets)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(MalformedRequestFilter())
     handler.addFilter(RedactingFilter(redactor))
+    if _access_writer is not None:
+        _access_writer.close()
+    _access_writer = AccessWriter(handler, fmt, redactor)
     for name in (LOGGER_NAME, "aiohttp", "asyncio"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

@@ -7,15 +7,28 @@ import io
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy.observability
 from proxy.demo import DemoIdP, Fault
-from proxy.observability import EVENTS, JsonFormatter, Metrics, TextFormatter, setup_logging
+from proxy.observability import (
+    EVENTS,
+    JsonFormatter,
+    Metrics,
+    TextFormatter,
+    access_log,
+    flush_access_log,
+    log_request,
+    setup_logging,
+)
 from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
 
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
@@ -311,6 +324,7 @@ async def test_json_access_log_and_request_id(aiohttp_server, aiohttp_client):
         upstream_headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
         assert upstream_headers["x-request-id"] == request_id
 
+    flush_access_log()
     records = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
     ours = [r for r in records if r["logger"].startswith("oauth_sidecar")]
     access = [r for r in ours if r["event"] == "request"]
@@ -333,6 +347,7 @@ async def test_text_access_log_line(aiohttp_server, aiohttp_client):
     await _ready(client)
     resp = await client.get("/v1/echo/t?marker=query-marker-7431", headers={**KEY, "X-Request-Id": "txt-1"})
     size = len(await resp.read())
+    flush_access_log()
     lines = [line for line in buffer.getvalue().splitlines() if " request method=" in line]
     assert len(lines) == 1
     assert re.fullmatch(
@@ -342,6 +357,104 @@ async def test_text_access_log_line(aiohttp_server, aiohttp_client):
     )
     token_lines = [line for line in buffer.getvalue().splitlines() if " token.obtained " in line]
     assert len(token_lines) == 1 and "kind=login" in token_lines[0]
+
+
+# A JWT-shaped value (never issued by anyone) and secrets that collide with the line's own words.
+FAKE_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+LINE_SECRETS = ["s3cr3t-key-value", "ques", "HEAD", "gone"]
+ACCESS_CASES = [
+    # method, path, status, bytes, duration_ms, request_id, outcome
+    ("GET", "/v1/hello", 200, 57, 1.23, "f2096140bf1ac7152ee9000000000001", ""),
+    ("HEAD", "/", 0, 0, 0.0, "req-42", "client_gone"),
+    ("PROPFIND", "/a b/c", 207, 12345, 1234.5, "with space", "upstream_cut"),
+    (FAKE_JWT, "/x\nforged info request", 400, 10, 0.05, '"quoted"', ""),
+    ("s3cr3t-key-value", "/x/s3cr3t-key-value/" + FAKE_JWT, 403, 151, 2.0, "s3cr3t-key-value", "client_stalled"),
+    ("POST", "/x/Bearer abcdefghijkl/basic%20Zm9vYmFyYmF6", 502, 1, 10.0, "Basic dXNlcjpwYXNzd29yZA==", ""),
+    ("GET", "/ba\u017fic abcdefghijkl/\u00fc/\x00\t", 200, 3, 0.01, "BEARER 0123456789abc", ""),
+    ("DELETE", "", 204, 0, 99999.99, "x" * 128, ""),
+]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_fast_access_line_is_the_line_the_record_would_give(fmt, monkeypatch):
+    """The access line written directly is, byte for byte, the line its record gives through the handler's
+    redaction filter and formatter: for hostile paths, methods and request ids, and secrets that collide
+    with the line's own words ("ques" in "request", "HEAD", "gone")."""
+    monkeypatch.setattr(proxy.observability.time, "time", lambda: 1795436166.1755)
+    buffer = io.StringIO()
+    setup_logging("info", fmt, LINE_SECRETS, stream=buffer)
+    for method, path, status, size, duration_ms, request_id, outcome in ACCESS_CASES:
+        log_request(method, path, status, size, duration_ms, request_id, outcome)
+        flush_access_log()
+        fields = {"method": method, "path": path, "status": status, "bytes": size, "duration_ms": duration_ms}
+        fields["request_id"] = request_id
+        if outcome:
+            fields["outcome"] = outcome
+        access_log.info("request", extra={"fields": fields})  # the record path, through the handler
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2 * len(ACCESS_CASES)
+    for fast, record in zip(lines[::2], lines[1::2], strict=True):
+        assert fast == record
+    output = buffer.getvalue()
+    assert "s3cr3t-key-value" not in output and FAKE_JWT not in output and "abcdefghijkl" not in output
+    assert "dXNlcjpwYXNzd29yZA" not in output and "0123456789abc" not in output
+
+
+def test_the_access_line_is_a_record_when_someone_else_listens(caplog):
+    """With a handler added after setup_logging (pytest's capture, a test's), the access line is a record
+    with its fields, as before."""
+    setup_logging("info", "text", [], stream=io.StringIO())
+    logging.getLogger("oauth_sidecar").addHandler(caplog.handler)
+    log_request("GET", "/v1/x", 200, 5, 0.5, "id-1", "client_gone")
+    (record,) = [r for r in caplog.records if r.name == "oauth_sidecar.access"]
+    assert record.getMessage() == "request"
+    assert record.fields == {  # type: ignore[attr-defined]
+        "method": "GET",
+        "path": "/v1/x",
+        "status": 200,
+        "bytes": 5,
+        "duration_ms": 0.5,
+        "request_id": "id-1",
+        "outcome": "client_gone",
+    }
+
+
+class StuckStream(io.StringIO):
+    """A stderr that takes no write until released, like a full pipe nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_stuck_stderr_never_blocks_the_caller_and_lines_beyond_the_bound_are_counted(monkeypatch):
+    """While stderr takes nothing, access lines wait up to ACCESS_MAX_PENDING; beyond that they are dropped
+    at once, and a log.access_dropped warning says how many once stderr moves again."""
+    monkeypatch.setattr(proxy.observability, "ACCESS_MAX_PENDING", 50)
+    monkeypatch.setattr(proxy.observability, "ACCESS_FLUSH_S", 0.01)
+    stream = StuckStream()
+    setup_logging("info", "text", [], stream=stream)
+    log_request("GET", "/first", 200, 1, 0.1, "id-0", "")
+    assert stream.entered.wait(5)  # the writer's thread took the first line and is stuck writing it
+    started = time.monotonic()
+    for n in range(1, 81):
+        log_request("GET", f"/n/{n}", 200, 1, 0.1, f"id-{n}", "")
+    assert time.monotonic() - started < 0.5  # 80 lines, none of them waited for stderr
+    stream.release.set()
+    setup_logging("info", "text", [], stream=io.StringIO())  # closes the writer: its last lines are written
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" path=")[1].split()[0] for line in lines if " request " in line] == [
+        "/first",
+        *(f"/n/{n}" for n in range(1, 51)),
+    ]
+    (dropped,) = [line for line in lines if " log.access_dropped " in line]
+    assert dropped.endswith(" warning log.access_dropped lines=30 max_pending=50")
 
 
 async def _full_cycle(aiohttp_server: Any, aiohttp_client: Any, **auth: Any) -> tuple[DemoIdP, Any]:
