@@ -28,7 +28,7 @@ from proxy.idp import IdentityProvider
 from proxy.observability import TextFormatter
 from proxy.state import Phase, Token
 from proxy.tokens import TokenManager
-from tests.fakes.clock import VirtualTime
+from tests.fakes.clock import FakeClock, VirtualTime
 from tests.fakes.idp import FakeIdP, rejected, unavailable
 
 PASSWORD = "Pw-9f3kq71xLmZ2vB8s"
@@ -36,19 +36,6 @@ CLIENT_SECRET = "Cs-4h7Jw2nQ8pXr5tE1"
 CODE = "Code-77aa11bb22cc33dd"
 CONFIGURED_RT = "Rt0-configured-offline-5e6f7a8b"
 FAST = {"transient_backoff": lambda attempt, rand, retry_after=None: 0.05}
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 Handler = Callable[[web.Request, dict[str, str]], Any]

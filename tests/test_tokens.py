@@ -20,21 +20,8 @@ from proxy.idp import IdentityProvider
 from proxy.observability import TextFormatter
 from proxy.state import Phase, Token, token_clock
 from proxy.tokens import TokenManager
-from tests.fakes.clock import VirtualTime
+from tests.fakes.clock import FakeClock, VirtualTime
 from tests.fakes.idp import SECRET_MARK, FakeIdP, rejected, unavailable
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream import BodyInterrupted, Exchange, Pool
+from tests.fakes.clock import FakeClock
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 GET = b"GET /x HTTP/1.1\r\nHost: upstream\r\n\r\n"
@@ -55,16 +56,6 @@ class RawServer:
 
 def pool_for(server: RawServer, limit: int = 4, timeout_s: float = 5.0, **options: Any) -> Pool:
     return Pool(server.url, limit=limit, connect_timeout_s=2.0, timeout_s=timeout_s, ssl_context=None, **options)
-
-
-class FakeClock:
-    """A clock that moves only when a test moves it (Pool's idle-reuse clock)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def read_all(exchange: Exchange) -> bytes:

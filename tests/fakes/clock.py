@@ -66,3 +66,16 @@ class VirtualTime:
                 return
             await self.run_for(step)
         assert condition(), f"condition not met within {within}s of virtual time"
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it (``advance``, or setting ``now``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
