@@ -3,10 +3,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from proxy.observability import LOGGER_NAME
+from proxy.tokens import TokenManager
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +47,19 @@ async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
     for server in servers:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def managers() -> AsyncIterator[Callable[..., TokenManager]]:
+    """Makes TokenManagers (refresh_margin_s 60 unless given) and closes them all at the end of the test."""
+    made: list[TokenManager] = []
+
+    def make(idp: Any, **options: Any) -> TokenManager:
+        options.setdefault("refresh_margin_s", 60.0)
+        manager = TokenManager(idp, **options)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        await manager.close()

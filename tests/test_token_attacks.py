@@ -27,7 +27,6 @@ from proxy.errors import NoToken, TokenRejected, TokenUnavailable
 from proxy.idp import IdentityProvider
 from proxy.observability import TextFormatter
 from proxy.state import Phase, Token
-from proxy.tokens import TokenManager
 from tests.fakes.clock import FakeClock, VirtualTime
 from tests.fakes.idp import FakeIdP, rejected, unavailable
 
@@ -84,21 +83,6 @@ def _raw(body: bytes | str, status: int = 200, content_type: str = "application/
 async def session():
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-@pytest.fixture
-async def managers():
-    made: list[TokenManager] = []
-
-    def make(source: Any, **options: Any) -> TokenManager:
-        options.setdefault("refresh_margin_s", 60.0)
-        manager = TokenManager(source, **options)
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        await manager.close()
 
 
 def _prefixes(secret: str, n: int = 8) -> list[str]:

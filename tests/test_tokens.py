@@ -24,22 +24,6 @@ from tests.fakes.clock import FakeClock, VirtualTime
 from tests.fakes.idp import SECRET_MARK, FakeIdP, rejected, unavailable
 
 
-@pytest.fixture
-async def managers():
-    """Makes TokenManagers and closes them all at the end of the test."""
-    made: list[TokenManager] = []
-
-    def make(idp, **options) -> TokenManager:
-        options.setdefault("refresh_margin_s", 60.0)
-        manager = TokenManager(idp, **options)
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        await manager.close()
-
-
 def logged(caplog) -> str:
     """The captured log lines as the sidecar writes them, structured fields included."""
     return "\n".join(TextFormatter().format(record) for record in caplog.records)
