@@ -22,6 +22,7 @@ from .forward import Forwarder, error_response
 from .idp import IdentityProvider
 from .listener import MAX_HEAD_LINE
 from .observability import Metrics, event
+from .store import open_store
 from .tokens import TokenManager
 from .upstream import Pool
 
@@ -85,8 +86,16 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
             trust_env=False,
         )
         idp = IdentityProvider(idp_session, config.auth, config.inject)
+        store = open_store(config.store, config.auth)
+        if store is not None:
+            store.metrics = app[METRICS]
         tokens = TokenManager(
-            idp, refresh_margin_s=config.auth.refresh_margin_s, metrics=app[METRICS], **manager_options
+            idp,
+            refresh_margin_s=config.auth.refresh_margin_s,
+            metrics=app[METRICS],
+            store=store,
+            inject_value=config.inject.value,
+            **manager_options,
         )
         app[IDP] = idp
         app[TOKENS] = tokens

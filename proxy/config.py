@@ -35,7 +35,12 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("auth", "code"),
     ("auth", "code_verifier"),
     ("access", "api_key"),
+    ("store", "key"),
+    ("store", "password"),
 )
+STORE_KINDS = ("memory", "file", "redis")
+STORE_MODES = ("standalone", "sentinel", "cluster")
+MIN_STORE_KEY_CHARS = 32
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
@@ -117,6 +122,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the token is kept: this process only (memory), one host (file) or a fleet (redis)."""
+
+    kind: str = "memory"
+    path: str = ""  # file: the store file (its lock is path + ".lock")
+    url: str = ""  # redis: redis://, rediss:// or unix://
+    mode: str = "standalone"  # redis: standalone | sentinel | cluster
+    sentinels: tuple[str, ...] = ()  # sentinel: host:port of each sentinel (url names the master: redis://name)
+    username: str = ""  # redis ACL user
+    password: str = field(default="", repr=False)
+    ca_file: str = ""  # rediss://: extra CA bundle
+    key: str = field(default="", repr=False)  # encrypts the entry (at least 32 characters, stretched by HKDF)
+    prefix: str = "oauth-sidecar"
+    lease_s: float = 0.0  # how long a renewal lease lives; 0: auth.timeout_s + 5 s
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -124,12 +146,14 @@ class Config:
     inject: InjectConfig = field(default_factory=InjectConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: str = ""  # where the configuration came from, for messages
 
     def secrets(self) -> list[str]:
         """Every configured secret value (for the log redaction safety net)."""
         values = [getattr(getattr(self, section), key) for section, key in SECRET_KEYS]
-        return [v for v in values if v]
+        store_url_password = urlsplit(self.store.url).password if self.store.url else None
+        return [v for v in (*values, store_url_password) if v]
 
 
 def _schema() -> dict[str, dict[str, tuple[type, Any]]]:
@@ -412,6 +436,7 @@ def _build(raw: _Raw, source: str) -> Config:
             allow_clients=tuple(ipaddress.ip_network(c, strict=False) for c in access["allow_clients"]),
         ),
         log=LogConfig(**values["log"]),
+        store=StoreConfig(**{**values["store"], "sentinels": tuple(values["store"]["sentinels"])}),
         source=source,
     )
 
@@ -569,6 +594,54 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     log["level"] = log["level"].lower()
     if log["format"] not in ("text", "json"):
         raise fail("log", "format", f"must be text or json, got {log['format']!r}")
+    _validate_store(values["store"], auth, fail)
+
+
+def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> None:
+    kind = store["kind"]
+    if kind not in STORE_KINDS:
+        raise fail("store", "kind", f"must be one of {', '.join(STORE_KINDS)}, got {kind!r}")
+    if kind == "memory":
+        return
+    if kind == "file" and not store["path"]:
+        raise fail("store", "path", "required for kind file: the store file, e.g. /var/lib/oauth-sidecar/token")
+    if kind == "file" and not Path(store["path"]).parent.is_dir():
+        raise fail("store", "path", f"the directory of {store['path']!r} does not exist")
+    if kind == "redis":
+        url = store["url"]
+        if not url:
+            raise fail("store", "url", "required for kind redis, e.g. rediss://redis.internal:6379/0")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise fail("store", "url", "not a valid URL") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise fail("store", "url", f"must be a redis://, rediss:// or unix:// URL, got scheme {parts.scheme!r}")
+        if store["mode"] not in STORE_MODES:
+            raise fail("store", "mode", f"must be one of {', '.join(STORE_MODES)}, got {store['mode']!r}")
+        _check_strings(store, "store", "sentinels", fail)
+        if store["mode"] == "sentinel" and not store["sentinels"]:
+            raise fail("store", "sentinels", "required for mode sentinel: host:port of each sentinel")
+        if store["ca_file"] and not Path(store["ca_file"]).is_file():
+            raise fail("store", "ca_file", f"no such file: {store['ca_file']!r}")
+    if len(store["key"]) < MIN_STORE_KEY_CHARS:
+        problem = "required for kind file and redis" if not store["key"] else "too short"
+        raise fail(
+            "store",
+            "key",
+            f"{problem}: at least {MIN_STORE_KEY_CHARS} characters (e.g. `openssl rand -base64 32`), "
+            "or key_file, or OAUTH_SIDECAR_STORE_KEY[_FILE]",
+        )
+    if store["lease_s"] < 0:
+        raise fail("store", "lease_s", "must not be negative (0: auth.timeout_s + 5 s)")
+    if auth["revoke_on_shutdown"]:
+        raise fail(
+            "auth",
+            "revoke_on_shutdown",
+            f"cannot be combined with store.kind = {kind!r}: ending the session at shutdown would end it for "
+            "every process sharing the store",
+        )
 
 
 def _check_strings(table: dict[str, Any], section: str, key: str, fail: Any) -> None:

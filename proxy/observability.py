@@ -71,6 +71,14 @@ EVENTS: Mapping[str, str] = {
     "token.session_end_failed": "ending the session at the provider on shutdown failed",
     "idp.discovered": "the endpoints of auth.issuer were found by OpenID discovery",
     "idp.refresh_unsupported": "the provider does not implement the refresh grant: renewals log in from now on",
+    # the shared token store (proxy/store.py, proxy/tokens.py)
+    "store.unavailable": "the store failed (once per change of state): this process renews alone until it is back",
+    "store.available": "the store answers again: the fleet shares its token again",
+    "store.lease_wait": "another process holds the renewal lease: waiting for the token it writes",
+    "store.token_adopted": "a token another process (or this one before a restart) wrote was taken from the store",
+    "store.rejection_adopted": "another process's login was refused: this one backs off with the fleet",
+    "store.refresh_in_doubt": "a refresh token another process claimed and never answered for: logging in instead",
+    "store.write_conflict": "the fenced write was refused (a newer entry, or the lease expired): kept locally only",
 }
 
 MASK = "[REDACTED]"
@@ -400,6 +408,13 @@ class Metrics:
         self.auth_retries = Counter(
             "oauth_sidecar_upstream_auth_retries",
             "Requests retried after the upstream answered 401 with the current token.",
+            registry=r,
+        )
+        self.store_operations = Counter(
+            "oauth_sidecar_store_operations",
+            "Shared token store operations (read, write, lease, release, wait) by outcome (ok, busy: the lease "
+            "is another process's, conflict: a fenced write refused, error).",
+            ["op", "outcome"],
             registry=r,
         )
         self.connections_refused = Counter(

@@ -160,23 +160,36 @@ class Event(enum.Enum):
     GRANTED = "granted"  # the provider issued a token
     REJECTED = "rejected"  # the provider refused the grant (4xx)
     FAILED = "failed"  # transport error, 5xx, 429, unusable response
+    ADOPTED = "adopted"  # another process of the fleet obtained a token (the shared store)
+    FLEET_REJECTED = "fleet_rejected"  # another process's login was refused: the fleet backs off together
     STOP = "stop"
 
 
+# Between renewals, what the fleet shares can replace the lifecycle: a token another process obtained, or
+# the refusal another process's login met.
+_SHARED = {Event.ADOPTED: Phase.HOLDING, Event.FLEET_REJECTED: Phase.REJECTED}
+
 TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
-    Phase.IDLE: {Event.LOGIN: Phase.LOGGING_IN, Event.STOP: Phase.STOPPED},
+    Phase.IDLE: {Event.LOGIN: Phase.LOGGING_IN, Event.STOP: Phase.STOPPED, **_SHARED},
     Phase.HOLDING: {
         Event.LOGIN: Phase.LOGGING_IN,
         Event.REFRESH: Phase.REFRESHING,
         Event.STOP: Phase.STOPPED,
+        **_SHARED,
     },
     Phase.BACKING_OFF: {
         Event.LOGIN: Phase.LOGGING_IN,
         Event.REFRESH: Phase.REFRESHING,
         Event.STOP: Phase.STOPPED,
+        **_SHARED,
     },
     # Refused credentials: the next attempt may be a refresh when the session's refresh token still lives.
-    Phase.REJECTED: {Event.LOGIN: Phase.LOGGING_IN, Event.REFRESH: Phase.REFRESHING, Event.STOP: Phase.STOPPED},
+    Phase.REJECTED: {
+        Event.LOGIN: Phase.LOGGING_IN,
+        Event.REFRESH: Phase.REFRESHING,
+        Event.STOP: Phase.STOPPED,
+        **_SHARED,
+    },
     Phase.LOGGING_IN: {
         Event.GRANTED: Phase.HOLDING,
         Event.REJECTED: Phase.REJECTED,
@@ -539,3 +552,60 @@ def on_dropped(lc: Lifecycle) -> Lifecycle:
 
 def on_stopped(lc: Lifecycle) -> Lifecycle:
     return replace(lc, phase=transition(lc.phase, Event.STOP), token=None, accepted=False)
+
+
+# --- the fleet (a shared store: tokens.py reads and writes it, these decide what it means) -----------
+
+
+def on_adopted(lc: Lifecycle, token: Token, *, login_spent: bool = False) -> Lifecycle:
+    """Hold ``token``, which another process of the fleet obtained (or this one, before a restart).
+
+    Like a grant without a token request: the failure streaks end. The upstream has not yet answered
+    this process with it (``accepted`` starts again). ``login_spent``: the fleet already used up the
+    configured code or refresh token, so this process never sends it either.
+    """
+    spent = login_spent and lc.grant_type in ("authorization_code", "refresh_token")
+    return replace(
+        lc,
+        phase=transition(lc.phase, Event.ADOPTED),
+        token=token,
+        accepted=False,
+        from_401=False,
+        refresh_refused=False,
+        code_spent=lc.code_spent or (spent and lc.grant_type == "authorization_code"),
+        configured_refresh_spent=lc.configured_refresh_spent or (spent and lc.grant_type == "refresh_token"),
+        last_attempt="",
+        transient_failures=0,
+        rejections=0,
+        failing_since=None,
+        retry_at=0.0,
+    )
+
+
+def on_fleet_rejected(lc: Lifecycle, now: float, *, retry_at: float, rejections: int) -> Lifecycle:
+    """Another process's login was refused ``rejections`` times in a row; no login before ``retry_at``.
+    The token held, if any, stays (it may still be sent: a 401 renewal met the refusal)."""
+    return replace(
+        lc,
+        phase=transition(lc.phase, Event.FLEET_REJECTED),
+        last_attempt="login",
+        rejections=max(lc.rejections, rejections),
+        failing_since=now if lc.failing_since is None else lc.failing_since,
+        retry_at=retry_at,
+    )
+
+
+def on_fleet_seen(lc: Lifecycle, *, rejections: int, login_ended_at: float) -> Lifecycle:
+    """What the fleet did that spaces this process's next login: its refused logins in a row (the
+    backoff grows for the fleet, not per process) and when its last login was answered (never two
+    logins of the fleet within MIN_LOGIN_INTERVAL_S)."""
+    return replace(lc, rejections=max(lc.rejections, rejections), login_ended_at=max(lc.login_ended_at, login_ended_at))
+
+
+def on_refresh_in_doubt(lc: Lifecycle) -> Lifecycle:
+    """Another process claimed the held refresh token and never wrote what it got: it may have been
+    presented and rotated away. A grant that can log in again does so rather than present it a second
+    time (reuse, which providers with reuse detection punish by revoking the whole session)."""
+    if lc.grant_type not in REPEATABLE_GRANTS:
+        return lc  # nothing else can renew: the refresh token is the only way
+    return replace(lc, refresh_refused=True)

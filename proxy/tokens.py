@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import state
@@ -46,6 +47,7 @@ from .errors import NoToken, TokenRejected, TokenUnavailable
 from .idp import END_SESSION_TIMEOUT_S, try_end_session
 from .observability import Metrics, event
 from .state import Health, Lifecycle, Phase, Token, token_clock
+from .store import Entry, SharedStore, StoreUnavailable
 
 # While the identity provider is failing, a request without a usable token waits at most this long for
 # the retry in flight: a healthy answer takes milliseconds, a hanging one would hold it until auth.timeout_s.
@@ -59,6 +61,21 @@ REFRESH_TOKEN_SPENT = (
     "again (that would be refresh-token reuse), and no refresh token is left to renew with: set a new "
     "auth.refresh_token and restart"
 )
+
+
+# A refresh that failed for one of these reasons was answered without the refresh token being used:
+# the claim on it is lifted. After a timeout or an unreadable answer it may have been used: the claim stays.
+UNSPENT_REASONS = ("unreachable", "server_error", "rate_limited", "temporarily_unavailable")
+
+
+STORE_NEEDED = (
+    "the store is unavailable and the refresh token the fleet shares may only be presented by the process that "
+    "obtained it (presenting it twice is refresh-token reuse); this grant cannot log in again: waiting for the store"
+)
+
+
+class _LeaseBusy(Exception):
+    """Another process held the store's lease for longer than a lease lives."""
 
 
 class TokenSource(Protocol):
@@ -100,9 +117,13 @@ class TokenManager:
         transient_backoff: state.TransientPolicy | None = None,
         rejected_backoff: state.RejectedPolicy = state.rejected_backoff,
         rejection_renewal_interval_s: float | None = None,
+        store: SharedStore | None = None,
+        inject_value: str = "Bearer {token}",
     ) -> None:
         """``transient_backoff`` replaces ``state.retry_delay`` (tests that are about something else);
-        ``rejection_renewal_interval_s = 0`` lifts the limits on 401-triggered renewals (likewise)."""
+        ``rejection_renewal_interval_s = 0`` lifts the limits on 401-triggered renewals (likewise).
+        ``store``: the fleet's shared entry (None: this process alone); ``inject_value`` builds the
+        header of a token read from it."""
         self._idp = idp
         self._margin = refresh_margin_s
         self._metrics = metrics
@@ -113,6 +134,14 @@ class TokenManager:
         self._transient_backoff = transient_backoff
         self._rejected_backoff = rejected_backoff
         self._unlimited_401 = rejection_renewal_interval_s == 0
+        self._store = store
+        self._inject_value = inject_value
+        self._seen = 0  # the version of the store's entry last read or written
+        self._leased = False  # this process holds the store's renewal lease (during a flight)
+        # The refresh token the fleet shares (read from or written to the store), and whether this process got
+        # it from the provider: without the store, only that process presents it.
+        self._fleet_refresh: str | None = None
+        self._fleet_refresh_mine = False
 
         self._lc = Lifecycle(grant_type=idp.grant_type)
         self._flight: asyncio.Task[None] | None = None
@@ -122,6 +151,8 @@ class TokenManager:
         self.last_error: LastError | None = None
         self.last_renewal_at: float | None = None  # wall clock
         self.counts = {"logins": 0, "refreshes": 0, "failures": 0, "rejections": 0}
+        if store is not None:
+            self.counts["adopted"] = 0  # tokens taken from the store
         if metrics is not None:
             metrics.token_expiry.set_function(self._seconds_to_expiry)
             metrics.token_ready.set_function(lambda: 1.0 if self.usable() else 0.0)
@@ -238,6 +269,8 @@ class TokenManager:
         self._changed.set()
         if revoke and token is not None:
             await self._end_session(token, "shutdown")
+        if self._store is not None:
+            await self._store.close()
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -294,6 +327,8 @@ class TokenManager:
             info["last_error"] = {"kind": err.kind, "reason": err.reason, "detail": err.detail, "at": _iso(err.at)}
         if self._waiting_out_backoff():
             info["retry_in_s"] = round(lc.retry_at - now, 1)
+        if self._store is not None:
+            info["store"] = self._store.status()
         return info
 
     # --- internals -------------------------------------------------------------------------------
@@ -326,7 +361,8 @@ class TokenManager:
             self._flight = None
 
     async def _fly(self, rejected: Token | None) -> None:
-        """One renewal: re-check, then refresh or log in, as ``state`` decides."""
+        """One renewal: re-check; with a store, take the fleet's token or its lease; then refresh or log
+        in, as ``state`` decides."""
         lc = self._lc
         now = self._clock()
         if rejected is not None and lc.token is not rejected:
@@ -340,7 +376,31 @@ class TokenManager:
             return
         if lc.phase is Phase.STOPPED:
             return
-        self._set(state.on_started(lc, state.choose_renewal(lc, now)))
+        store = self._store
+        try:
+            alone = store is not None
+            if store is not None and store.usable():
+                try:
+                    if await self._share(store, rejected):
+                        return
+                    alone = False
+                except StoreUnavailable:
+                    pass  # logged by the store; this renewal goes on alone, as without one
+                except _LeaseBusy as busy:  # never renew uncoordinated: the holder may still be at the provider
+                    self._fail_before_renewal("store_busy", str(busy))
+                    return
+            if alone and not self._may_renew_alone():
+                self._fail_before_renewal("store_unavailable", STORE_NEEDED)
+                return
+            await self._renew(rejected)
+        finally:
+            if self._leased and store is not None:
+                self._leased = False
+                await store.release()
+
+    async def _renew(self, rejected: Token | None) -> None:
+        """Refresh or log in until a token is granted, the credentials are refused, or an attempt failed."""
+        self._set(state.on_started(self._lc, state.choose_renewal(self._lc, self._clock())))
         while True:
             kind = "refresh" if self._lc.phase is Phase.REFRESHING else "login"
             try:
@@ -375,9 +435,12 @@ class TokenManager:
                     hint=_check(self._idp.rejection_keys(exc.error)),
                     retry_in_s=round(self._lc.retry_at - self._clock(), 1),
                 )
+                await self._publish(rejection=exc)
                 return
             except TokenUnavailable as exc:
                 self._fail_transient(kind, exc.reason, exc.detail, exc.retry_after)
+                if kind == "refresh" and exc.reason in UNSPENT_REASONS:
+                    await self._publish()  # the provider answered without using the refresh token: unclaim it
                 return
             except Exception as exc:
                 # A bug, not the provider: logged on our own logger (formatted and redacted like every line),
@@ -388,7 +451,216 @@ class TokenManager:
                 self._fail_transient(kind, "internal_error", f"internal error ({type(exc).__name__})", None)
                 return
             self._accept(kind, new, for_401=rejected is not None)
+            await self._publish()
             return
+
+    # --- the fleet (store.py) ------------------------------------------------------------------------
+
+    async def _share(self, store: SharedStore, rejected: Token | None) -> bool:
+        """Before renewing: take what the fleet has, or its lease. True when nothing is left to do (a
+        token, or a refusal, came from the store); False when this process is to renew (holding the
+        lease, with the fleet's refresh token). Raises StoreUnavailable, or _LeaseBusy when another
+        process kept the lease for longer than one lives."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + store.lease_s
+        waited = False
+        while True:
+            if self._take(await store.read(), rejected):
+                return True
+            if await store.lease():
+                self._leased = True
+                entry = await store.read()  # again, under the lease: it may have changed meanwhile
+                if self._take(entry, rejected):
+                    return True
+                self._take_stale(entry, rejected)
+                await self._claim(store, entry)
+                return False
+            if not waited:
+                waited = True
+                event("store.lease_wait", level=logging.DEBUG, kind=store.kind)
+            if loop.time() >= deadline:
+                raise _LeaseBusy(
+                    f"another process has held the store's renewal lease for {store.lease_s:.0f}s without "
+                    "writing a token"
+                )
+            await store.wait(min(store.lease_s, deadline - loop.time()))
+
+    def _take(self, entry: Entry | None, rejected: Token | None) -> bool:
+        """Adopt the entry's token when it is FRESH and new to this process, or the fleet's refusal when no
+        token can be sent; a usable token this process lacks is adopted too, but the renewal goes on."""
+        if entry is None:
+            self._seen = 0  # nothing stored (or Redis restarted empty): the next write creates the entry
+            return False
+        self._seen = entry.version
+        now = self._clock()
+        lc = self._lc
+        token = self._token_from(entry, now)
+        if token is not None and (lc.token is None or token.access_token != lc.token.access_token):
+            if rejected is None or token.access_token != rejected.access_token:
+                health = token.health(now, self._margin)
+                if health is Health.FRESH or (health is Health.STALE and self.usable() is None):
+                    self._adopt(token, entry)
+                    return health is Health.FRESH
+        wall = self._wall()
+        if entry.rejected_until > wall and (self.usable() is None or rejected is not None):
+            self._set(
+                state.on_fleet_rejected(
+                    self._lc, now, retry_at=now + entry.rejected_until - wall, rejections=entry.rejections
+                )
+            )
+            keys = self._idp.rejection_keys(entry.rejected_error)
+            self.last_error = LastError("login", entry.rejected_error, entry.rejected_detail, entry.written_at, keys)
+            event(
+                "store.rejection_adopted",
+                level=logging.WARNING,
+                writer=entry.writer,
+                error=entry.rejected_error,
+                retry_in_s=round(entry.rejected_until - wall, 1),
+            )
+            return True
+        return False
+
+    def _take_stale(self, entry: Entry | None, rejected: Token | None) -> None:
+        """Holding the lease: renew from the fleet's session (its refresh token), not this process's own,
+        and space this process's login by the fleet's."""
+        if entry is None:
+            return
+        now = self._clock()
+        token = self._token_from(entry, now)
+        lc = self._lc
+        if (
+            token is not None
+            and (lc.token is None or token.access_token != lc.token.access_token)
+            and (rejected is None or token.access_token != rejected.access_token)
+            and token.can_refresh(now)
+            # not over a newer session of this process's own (obtained while it was cut off from the store)
+            and (lc.token is None or not lc.token.can_refresh(now) or token.obtained_at > lc.token.obtained_at)
+        ):
+            self._adopt(token, entry)
+        login_at = now - (self._wall() - entry.login_at) if entry.login_at else -math.inf
+        self._lc = state.on_fleet_seen(self._lc, rejections=entry.rejections, login_ended_at=login_at)
+
+    async def _claim(self, store: SharedStore, entry: Entry | None) -> None:
+        """Before presenting a refresh token: mark it claimed in the store, so that if this process dies
+        with the answer, the next holder does not present it again. A claim left by another process on
+        the refresh token held makes this one log in instead (where the grant can)."""
+        lc = self._lc
+        if state.choose_renewal(lc, self._clock()) is not state.Event.REFRESH or lc.token is None:
+            return
+        held = lc.token.refresh_token
+        claimed = entry is not None and entry.refresh_token == held and entry.refresh_claimed not in ("", store.owner)
+        # A refresh token the fleet shared that the store no longer holds (Redis restarted empty, or moved on
+        # while this process was cut off) may have been presented meanwhile: the store vouches for it no more.
+        unvouched = held == self._fleet_refresh and (entry is None or entry.refresh_token != held)
+        if claimed or unvouched:
+            self._lc = state.on_refresh_in_doubt(lc)
+            by = entry.refresh_claimed if claimed and entry is not None else "the store no longer holds it"
+            event("store.refresh_in_doubt", level=logging.WARNING, claimed_by=by)
+            if self._lc.refresh_refused:
+                return
+        written = await store.write(replace(self._entry_of(entry), refresh_claimed=store.owner), self._seen)
+        if written is None:
+            self._lease_lost(store)
+        else:
+            self._seen = written.version
+
+    async def _publish(self, rejection: TokenRejected | None = None) -> None:
+        """Holding the lease: write what this renewal got (a token, or the refusal) for the fleet."""
+        store = self._store
+        if store is None or not self._leased:
+            return
+        entry = self._entry_of(
+            store.last_entry if store.last_entry and store.last_entry.version == self._seen else None
+        )
+        if rejection is not None:
+            now = self._clock()
+            entry = replace(
+                entry,
+                rejected_until=self._wall() + max(0.0, self._lc.retry_at - now),
+                rejections=self._lc.rejections,
+                rejected_error=rejection.error,
+                rejected_detail=rejection.detail,
+            )
+        try:
+            written = await store.write(entry, self._seen)
+        except StoreUnavailable:
+            return
+        if written is None:
+            self._lease_lost(store)
+        else:
+            self._seen = written.version
+            self._fleet_refresh, self._fleet_refresh_mine = written.refresh_token or None, True
+
+    def _may_renew_alone(self) -> bool:
+        """Without the store, a refresh token the fleet shares is never presented where the grant can log in
+        again: the others may present it too (all of them cut off from the store, or some only), and a
+        rotating provider answers the second with "Stale token", or revokes the session. Where the grant
+        cannot log in, only the process that got it from the provider (the last writer) presents it; the
+        others wait for the store (False)."""
+        token = self._lc.token
+        now = self._clock()
+        if token is None or not token.refresh_token or token.refresh_token != self._fleet_refresh:
+            return True
+        if state.choose_renewal(self._lc, now) is not state.Event.REFRESH:
+            return True
+        self._lc = state.on_refresh_in_doubt(self._lc)
+        return state.choose_renewal(self._lc, now) is not state.Event.REFRESH or self._fleet_refresh_mine
+
+    def _fail_before_renewal(self, reason: str, detail: str) -> None:
+        self._set(state.on_started(self._lc, state.choose_renewal(self._lc, self._clock())))
+        self._fail_transient("refresh" if self._lc.phase is Phase.REFRESHING else "login", reason, detail, None)
+
+    def _lease_lost(self, store: SharedStore) -> None:
+        """The fenced write was refused: the token stays this process's own. The lease is still released
+        at the end of the flight (compare-and-delete: only if it is still ours)."""
+        event("store.write_conflict", level=logging.WARNING, kind=store.kind, version=self._seen)
+
+    def _adopt(self, token: Token, entry: Entry) -> None:
+        self._set(state.on_adopted(self._lc, token, login_spent=entry.login_spent))
+        self._fleet_refresh = token.refresh_token
+        self._fleet_refresh_mine = self._store is not None and entry.writer == self._store.owner
+        self.counts["adopted"] += 1
+        event("store.token_adopted", level=logging.DEBUG, token=token.id, writer=entry.writer, version=entry.version)
+
+    def _token_from(self, entry: Entry, now: float) -> Token | None:
+        """The entry's token on this process's clock, or None when it has none."""
+        if not entry.access_token:
+            return None
+        ahead = now - self._wall()  # token_clock time minus wall time
+        return Token(
+            access_token=entry.access_token,
+            obtained_at=entry.obtained_at + ahead,
+            expires_at=entry.expires_at + ahead,
+            refresh_token=entry.refresh_token or None,
+            refresh_expires_at=None if entry.refresh_expires_at is None else entry.refresh_expires_at + ahead,
+            subject=entry.subject,
+            scope=entry.scope,
+            wall_expires_at=entry.expires_at,
+            header_value=self._inject_value.replace("{token}", entry.access_token),
+        )
+
+    def _entry_of(self, base: Entry | None) -> Entry:
+        """The entry for what this process holds now (the token and the login spacing), unclaimed."""
+        lc = self._lc
+        now = self._clock()
+        behind = self._wall() - now  # wall time minus token_clock time
+        token = lc.token
+        entry = Entry(
+            login_spent=lc.code_spent or lc.configured_refresh_spent or bool(base and base.login_spent),
+            login_at=lc.login_ended_at + behind if math.isfinite(lc.login_ended_at) else 0.0,
+        )
+        if token is None:
+            return entry
+        return replace(
+            entry,
+            access_token=token.access_token,
+            refresh_token=token.refresh_token or "",
+            obtained_at=token.obtained_at + behind,
+            expires_at=token.expires_at + behind,
+            refresh_expires_at=None if token.refresh_expires_at is None else token.refresh_expires_at + behind,
+            subject=token.subject,
+            scope=token.scope,
+        )
 
     async def _attempt(self, kind: str) -> Token:
         """One token request of ``kind``; a login waits out MIN_LOGIN_INTERVAL_S first."""

@@ -33,6 +33,15 @@ EXPECTED = {
     (Phase.REFRESHING, Event.FAILED): Phase.BACKING_OFF,
     (Phase.REFRESHING, Event.STOP): Phase.STOPPED,
     (Phase.STOPPED, Event.STOP): Phase.STOPPED,
+    # Between renewals (never during one, never once stopped) the fleet's store can hand over a token or a refusal.
+    (Phase.IDLE, Event.ADOPTED): Phase.HOLDING,
+    (Phase.HOLDING, Event.ADOPTED): Phase.HOLDING,
+    (Phase.BACKING_OFF, Event.ADOPTED): Phase.HOLDING,
+    (Phase.REJECTED, Event.ADOPTED): Phase.HOLDING,
+    (Phase.IDLE, Event.FLEET_REJECTED): Phase.REJECTED,
+    (Phase.HOLDING, Event.FLEET_REJECTED): Phase.REJECTED,
+    (Phase.BACKING_OFF, Event.FLEET_REJECTED): Phase.REJECTED,
+    (Phase.REJECTED, Event.FLEET_REJECTED): Phase.REJECTED,
 }
 ILLEGAL = [pair for pair in itertools.product(Phase, Event) if pair not in EXPECTED]
 
