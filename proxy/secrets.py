@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -108,6 +109,11 @@ class SecretWatcher:
         self._sleep = sleep
         self._interval = interval
         self._stamps: dict[str, Stamp | None] = {}  # none yet: the first look reads every file
+        # The keys that changed lately, and for how many more looks a refusal may still be news for them: a
+        # login built before the change can be refused after it, for up to auth.timeout_s.
+        self._recent: tuple[str, ...] = ()
+        self._recent_looks = 0
+        self._horizon = math.ceil(secrets.auth.timeout_s / interval) + 1
         self.problems: dict[str, str] = {}  # key -> why its file keeps the last good value
 
     @property
@@ -121,7 +127,14 @@ class SecretWatcher:
         refusals = self._refusals()
         refused = refusals != self._seen_refusals
         self._seen_refusals = refusals
-        return self._look(everything=refused)
+        recent = self._recent if self._recent_looks > 0 else ()
+        self._recent_looks -= 1
+        changed = self._look(everything=refused)
+        if refused and recent and not changed:
+            # The refused login may have carried the values from before the change: tell again, once.
+            self._recent = ()
+            self._on_change(recent)
+        return changed
 
     def reload(self) -> tuple[str, ...]:
         """Read every secret file again (SIGHUP) and say so: ``sidecar.reloaded``."""
@@ -163,6 +176,7 @@ class SecretWatcher:
         for key in new:
             event("secret.rotated", key=key, file=self._files[key])
         changed = tuple(new)
+        self._recent, self._recent_looks = changed, self._horizon
         self._on_change(changed)
         return changed
 

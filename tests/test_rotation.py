@@ -391,3 +391,29 @@ def test_the_watched_keys_are_the_secret_keys(tmp_path):
     config = load_config(env=env, path=_toml(tmp_path, ""))
     watcher = SecretWatcher(Secrets(config))
     assert sorted(watcher.files) == sorted(f"{s}.{k}" for s, k in SECRET_KEYS)
+
+
+async def test_a_refusal_right_after_a_change_is_news_for_it_once(tmp_path):
+    """A login built just before the password changed can be refused just after: the change is then told
+    again (so the new password is tried at once), once, and not for a refusal long after it."""
+    file = tmp_path / "password"
+    file.write_text(WRONG)
+    secrets = Secrets(load_config(env={}, path=_toml(tmp_path, f'password_file = "{file}"', "timeout_s = 2\n")))
+    refusals = 0
+    told: list[tuple[str, ...]] = []
+    watcher = SecretWatcher(secrets, refusals=lambda: refusals, on_change=told.append)
+    watcher.poll()
+    file.write_text(GOOD)
+    assert watcher.poll() == ("auth.password",)
+    refusals += 1
+    watcher.poll()
+    refusals += 1
+    watcher.poll()
+    assert told == [("auth.password",), ("auth.password",)]
+    file.write_text(GOOD2)
+    watcher.poll()
+    for _ in range(4):  # past auth.timeout_s (2 s) of looks: a refusal now was of the new password
+        watcher.poll()
+    refusals += 1
+    watcher.poll()
+    assert told == [("auth.password",)] * 3
