@@ -137,8 +137,13 @@ class SecretWatcher:
         return changed
 
     def reload(self) -> tuple[str, ...]:
-        """Read every secret file again (SIGHUP) and say so: ``sidecar.reloaded``."""
-        changed = self._look(everything=True)
+        """Read every secret file again (SIGHUP) and say so: ``sidecar.reloaded``. Never raises (it runs
+        as a signal handler)."""
+        try:
+            changed = self._look(everything=True)
+        except Exception as exc:
+            _crashed(exc)
+            return ()
         event(
             "sidecar.reloaded",
             files=len(self._files),
@@ -153,10 +158,8 @@ class SecretWatcher:
             await self._sleep(self._interval)
             try:
                 self.poll()
-            except Exception as exc:  # a bug: logged by type and place (never a message: it could quote a value)
-                frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-                where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
-                event("secret.watch_failed", level=logging.ERROR, error=type(exc).__name__, where=where)
+            except Exception as exc:
+                _crashed(exc)
 
     def _look(self, everything: bool) -> tuple[str, ...]:
         new: dict[str, str] = {}
@@ -205,3 +208,10 @@ class SecretWatcher:
                 detail="the last good value stays in force",
             )
         return None
+
+
+def _crashed(exc: Exception) -> None:
+    """A bug in watching: logged by type and place, never its message (it could quote a value)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+    event("secret.watch_failed", level=logging.ERROR, error=type(exc).__name__, where=where)

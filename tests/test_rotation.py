@@ -417,3 +417,32 @@ async def test_a_refusal_right_after_a_change_is_news_for_it_once(tmp_path):
     refusals += 1
     watcher.poll()
     assert told == [("auth.password",)] * 3
+
+
+async def test_a_bug_while_watching_is_logged_by_type_and_watching_goes_on(tmp_path, caplog):
+    """An exception in what a change sets off (here the callback) is logged as secret.watch_failed, by
+    type and place, never its message; a SIGHUP reload does not raise and polling goes on."""
+    file = tmp_path / "password"
+    file.write_text(WRONG)
+    secrets = Secrets(load_config(env={}, path=_toml(tmp_path, f'password_file = "{file}"')))
+
+    def broken(keys: tuple[str, ...]) -> None:
+        raise RuntimeError(f"quoting {secrets.auth.password}")
+
+    vt = VirtualTime()
+    watcher = SecretWatcher(secrets, on_change=broken, sleep=vt.sleep)
+    file.write_text(GOOD)
+    assert watcher.reload() == ()
+    file.write_text(GOOD2)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await vt.run_for(POLL_INTERVAL_S * 2)
+        assert not task.done()
+    finally:
+        task.cancel()
+    failures = _events(caplog, "secret.watch_failed")
+    assert [f["error"] for f in failures] == ["RuntimeError", "RuntimeError"]
+    assert failures[0]["where"].startswith("test_rotation.py:")
+    assert secrets.auth.password == GOOD2
+    for secret in ALL_SECRETS:
+        assert secret not in caplog.text

@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.fakes.servers import start_app, start_idp
@@ -22,8 +23,8 @@ CUT_SLACK_S = 0.5
 
 
 async def _endless_download(aiohttp_server: Any) -> tuple[str, asyncio.Event]:
-    """An upstream whose /download sends 1 KiB every 50 ms for up to 30 s: a download that is still
-    moving when the grace ends."""
+    """An upstream whose /streaming sends 1 KiB every 50 ms for up to 30 s (a download still moving when
+    the grace ends), and whose /stuck sends 1 KiB and then nothing for 30 s."""
     started = asyncio.Event()
 
     async def download(request: web.Request) -> web.StreamResponse:
@@ -32,18 +33,21 @@ async def _endless_download(aiohttp_server: Any) -> tuple[str, asyncio.Event]:
         started.set()
         for _ in range(600):
             await resp.write(b"x" * 1024)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05 if request.match_info["kind"] == "streaming" else 30)
         return resp
 
     app = web.Application()
-    app.router.add_get("/download", download)
+    app.router.add_get("/{kind:streaming|stuck}", download)
     return await start_app(aiohttp_server, app), started
 
 
-async def test_sigterm_during_a_download_cuts_it_at_the_grace_deadline_and_still_logs_out(aiohttp_server, tmp_path):
-    """SIGTERM during a download that never ends: the client keeps receiving bytes until the grace is
-    over, the download is cut then (not before, not a second grace later), the session is ended at the
-    provider (revoke_on_shutdown), and the process exits 0 soon after the grace."""
+@pytest.mark.parametrize("kind", ["streaming", "stuck"])
+async def test_sigterm_during_a_download_cuts_it_at_the_grace_deadline_and_still_logs_out(
+    aiohttp_server, tmp_path, kind
+):
+    """SIGTERM during a download that never ends, still streaming or stuck: a streaming one keeps
+    delivering bytes until the grace is over; either is cut then (not before, not a second grace later),
+    the session is ended at the provider (revoke_on_shutdown), and the process exits 0 soon after the grace."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, started = await _endless_download(aiohttp_server)
     sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, grace=GRACE_S, revoke_on_shutdown=True))
@@ -53,7 +57,7 @@ async def test_sigterm_during_a_download_cuts_it_at_the_grace_deadline_and_still
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
             await _wait_ready(session, url)
-            async with session.get(url + "/download") as resp:
+            async with session.get(url + "/" + kind) as resp:
                 assert resp.status == 200
                 await asyncio.wait_for(started.wait(), 10)
                 await resp.content.readany()
@@ -75,7 +79,10 @@ async def test_sigterm_during_a_download_cuts_it_at_the_grace_deadline_and_still
     finally:
         await sidecar.kill()
     assert cut, "the download ended as if complete; it should have been cut"
-    assert received_after and received_after[-1] > GRACE_S - CUT_SLACK_S, "the download was cut before the grace"
+    if kind == "streaming":
+        assert received_after and received_after[-1] > GRACE_S - CUT_SLACK_S, "the download was cut before the grace"
+    else:
+        assert received_after == []
     assert GRACE_S - CUT_SLACK_S < cut_after < GRACE_S + CUT_SLACK_S
     assert exited_after < GRACE_S + EXIT_SLACK_S, f"exit {exited_after:.2f}s after SIGTERM, grace {GRACE_S}s"
     assert idp.hits["logout"] == 1
