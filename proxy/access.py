@@ -103,6 +103,10 @@ class Guard:
                 raise Forbidden(f"client {remote} is not in access.allow_clients")
         return allowed_origin
 
+    def set_api_key(self, api_key: str) -> None:
+        """A rotated access.api_key (proxy/secrets.py): in force from the next request."""
+        self._api_key = api_key.encode()
+
     def check_api_key(self, request: web.BaseRequest) -> None:
         if not self._api_key:
             return

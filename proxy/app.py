@@ -22,6 +22,7 @@ from .forward import Forwarder, error_response
 from .idp import IdentityProvider
 from .listener import MAX_HEAD_LINE
 from .observability import Metrics, event
+from .secrets import Secrets
 from .store import open_store
 from .tokens import TokenManager
 from .upstream import Pool
@@ -32,6 +33,7 @@ TOKENS = web.AppKey("tokens", TokenManager)
 IDP = web.AppKey("idp", IdentityProvider)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GUARD = web.AppKey("guard", Guard)
+SECRETS = web.AppKey("secrets", Secrets)  # the secret values in force (rotated files: proxy/secrets.py)
 
 IDP_POOL_SIZE = 4
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,6 +56,7 @@ def make_app(config: Config, **manager_options: Any) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[GUARD] = Guard(config.listen, config.access)
+    app[SECRETS] = Secrets(config)
     app.cleanup_ctx.append(_clients(manager_options))
 
     for name, handler in (
@@ -85,7 +88,7 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
-        idp = IdentityProvider(idp_session, config.auth, config.inject)
+        idp = IdentityProvider(idp_session, config.auth, config.inject, secrets=app[SECRETS])
         store = open_store(config.store, config.auth)
         if store is not None:
             store.metrics = app[METRICS]

@@ -20,16 +20,22 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import METRICS, log_startup, make_app, ssl_context
+from .app import GUARD, METRICS, SECRETS, TOKENS, log_startup, make_app, ssl_context
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
 from .listener import LimitedSite, connection_cap, raise_open_files_limit
-from .observability import event, flush_access_log, setup_logging
+from .observability import Redactor, event, flush_access_log, setup_logging
+from .secrets import SecretWatcher
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
+# The drain is serve()'s own, with one deadline (see _drain). What aiohttp's cleanup may still wait after it,
+# per connection: by then each request has finished or been cancelled, so this is never more than a moment.
+CLEANUP_TIMEOUT_S = 1.0
+# How long requests cancelled at the deadline get to unwind (close their upstream connection, log their line).
+CANCEL_WAIT_S = 1.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,11 +76,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ConfigError as exc:
         print(f"oauth-sidecar: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.log.level, config.log.format, config.secrets())
+    redactor = setup_logging(config.log.level, config.log.format, config.secrets())
     if args.check:
         return _run(check(config))
     try:
-        return _run(serve(config))
+        return _run(serve(config, redactor=redactor))
     finally:
         flush_access_log()  # the last batch of access lines, however the run ended
 
@@ -109,25 +115,41 @@ async def serve(
     *,
     on_listening: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    redactor: Redactor | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop``); drain in-flight requests; exit code."""
+    """Serve until SIGTERM/SIGINT (or ``stop``); drain in-flight requests; exit code. SIGHUP reads the
+    secret files again (and so does a change to one of them); ``redactor`` learns the new values."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    watcher: SecretWatcher | None = None
+
+    def reload() -> None:
+        if watcher is not None:
+            watcher.reload()
+        else:  # still starting: the files were just read
+            event("sidecar.reloaded", files=len(config.secret_files), changed="none", kept="none")
+
+    handlers: list[tuple[int, Callable[[], object]]] = [(signal.SIGINT, stop.set), (signal.SIGTERM, stop.set)]
+    if hasattr(signal, "SIGHUP"):  # not on Windows; elsewhere its default action would end the process
+        handlers.append((signal.SIGHUP, reload))
+    for sig, handler in handlers:
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
     log_startup(config)
     # Before listening: as many open files as allowed, and a connection cap that fits in them.
     open_files = raise_open_files_limit()
     limit = connection_cap(config.listen.max_connections, config.upstream.pool_size, open_files)
+    app = make_app(config)
+    requests: set[asyncio.Task[Any]] = set()
+    app.middlewares.insert(0, _tracked(requests))
     runner = web.AppRunner(
-        make_app(config),
+        app,
         access_log=None,  # we log requests ourselves, without query strings
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         # A connection with no request under way (idle keep-alive, or a request head still arriving) is
         # closed after this; aiohttp's own default, outside run_app, is an hour.
         keepalive_timeout=config.listen.idle_timeout_s,
-        shutdown_timeout=config.listen.shutdown_grace_s,
+        shutdown_timeout=CLEANUP_TIMEOUT_S,
     )
     await runner.setup()
     try:
@@ -147,6 +169,17 @@ async def serve(
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    tokens, guard = app[TOKENS], app[GUARD]
+
+    def changed(keys: tuple[str, ...]) -> None:
+        if "access.api_key" in keys:
+            guard.set_api_key(app[SECRETS].config.access.api_key)
+        tokens.credentials_changed(keys)
+
+    watcher = SecretWatcher(
+        app[SECRETS], redactor=redactor, on_change=changed, refusals=lambda: tokens.counts["rejections"]
+    )
+    watching = loop.create_task(watcher.run(), name="secret-watcher") if watcher.files else None
     url = _listen_url(runner, config)
     event("sidecar.listening", url=url)
     _warn_if_exposed(config)
@@ -156,10 +189,55 @@ async def serve(
             await result
     await stop.wait()
     event("sidecar.stopping", grace_s=config.listen.shutdown_grace_s)
-    await runner.cleanup()
+    if watching is not None:
+        watching.cancel()
+    await _drain(runner, requests, config.listen.shutdown_grace_s)
+    await runner.cleanup()  # the app's cleanup: the token manager stops, the session ends (revoke_on_shutdown)
     flush_access_log()  # the drained requests' lines come before the last one
     event("sidecar.stopped")
     return EXIT_OK
+
+
+def _tracked(requests: set[asyncio.Task[Any]]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that keeps the task of every request under way in ``requests``, for :func:`_drain`."""
+
+    @web.middleware
+    async def tracked(
+        request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        requests.add(task)
+        try:
+            return await handler(request)
+        finally:
+            requests.discard(task)
+
+    return tracked
+
+
+async def _drain(runner: web.AppRunner, requests: set[asyncio.Task[Any]], grace: float) -> None:
+    """Stop listening, let the requests under way finish for ``grace`` seconds, then cancel the rest.
+
+    aiohttp's own drain (``runner.cleanup()`` with ``shutdown_timeout``) waits the timeout for a request to
+    finish, then cancels its *body* and waits the timeout again (``RequestHandler.shutdown``): a download,
+    which reads no body, was cut only after twice the grace, and Kubernetes' or compose's SIGKILL came
+    before the logout. Here one deadline holds for all; a request cut at it is cancelled like one whose
+    client went away (its connection is closed).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    for site in list(runner.sites):
+        await site.stop()  # new connections are refused from now on
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # keep-alive connections close: idle ones now, busy ones after their answer
+    while requests and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(requests), timeout=left)
+    cut = set(requests)
+    for task in cut:
+        task.cancel()
+    if cut:
+        await asyncio.wait(cut, timeout=CANCEL_WAIT_S)
 
 
 def _listen_url(runner: web.AppRunner, config: Config) -> str:
@@ -246,7 +324,7 @@ async def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         },
         source="--dev",
     )
-    setup_logging(
+    redactor = setup_logging(
         env.get("OAUTH_SIDECAR_LOG_LEVEL", "info"), env.get("OAUTH_SIDECAR_LOG_FORMAT", "text"), config.secrets()
     )
 
@@ -261,7 +339,7 @@ async def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
 
     try:
-        return await serve(config, on_listening=announce)
+        return await serve(config, on_listening=announce, redactor=redactor)
     finally:
         for runner in runners:
             await runner.cleanup()

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -44,6 +45,9 @@ MIN_STORE_KEY_CHARS = 32
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
+# A secret is a few KiB at most (a refresh token, a PEM key); a larger file is a mistake (/dev/zero, a log),
+# and is not read further.
+MAX_SECRET_BYTES = 1 << 20
 
 # Field metadata for a value the loader sets itself (from the preset): not a configuration key.
 NOT_A_KEY = MappingProxyType({"key": False})
@@ -148,6 +152,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     source: str = ""  # where the configuration came from, for messages
+    # "section.key" -> the file its secret was read from (`<key>_file`): read again when it changes (proxy/secrets.py)
+    secret_files: Mapping[str, str] = field(default_factory=dict)
 
     def secrets(self) -> list[str]:
         """Every configured secret value (for the log redaction safety net)."""
@@ -341,14 +347,52 @@ def _parse_env_value(var: str, text: str, kind: type) -> Any:
     return text
 
 
+def read_secret(path: str, *, regular_only: bool = False) -> str:
+    """The secret in the file at ``path``, trailing newlines stripped; at most MAX_SECRET_BYTES.
+
+    Raises OSError, or ValueError saying why the file holds no secret (too large, not UTF-8). With
+    ``regular_only`` (a re-read while serving, proxy/secrets.py) anything but a regular file is refused
+    without waiting: a FIFO opened and read there would block the event loop.
+    """
+    if regular_only and not stat.S_ISREG(os.stat(path).st_mode):  # not even opened: a FIFO's writer would wake
+        raise ValueError("not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (getattr(os, "O_NONBLOCK", 0) if regular_only else 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as file:
+        if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = file.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise ValueError(f"larger than {MAX_SECRET_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+
+
+def check_secret(key: str, value: str) -> str | None:
+    """Why ``value`` cannot be the secret ``key`` ("auth.code_verifier"), or None; never quotes the value."""
+    if key == "auth.code_verifier":
+        # RFC 7636 §4.1
+        if not 43 <= len(value) <= 128 or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in value):
+            return "must be 43 to 128 characters of A-Z, a-z, 0-9, '-', '.', '_', '~'"
+    return None
+
+
 def _read_secret_file(ref: _FileRef, section: str, key: str, origin: str) -> str:
     try:
-        return Path(ref.path).read_text(encoding="utf-8").rstrip("\r\n")
+        value = read_secret(ref.path)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{section}.{key}_file", f"cannot read {ref.path!r} ({reason})", origin) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{section}.{key}_file", f"{ref.path!r} is not UTF-8 text", origin) from None
+    except ValueError as exc:
+        raise ConfigError(f"{section}.{key}_file", f"{ref.path!r} is {exc}", origin) from None
+    if not value and (section, key) == ("access", "api_key"):
+        # An empty key would let every client in: a Secret mounted before its value was filled in.
+        raise ConfigError(
+            f"{section}.{key}_file", f"{ref.path!r} is empty (remove access.api_key_file to require no key)", origin
+        )
+    return value
 
 
 def _typed(raw: _Raw, section: str, key: str) -> Any:
@@ -438,6 +482,9 @@ def _build(raw: _Raw, source: str) -> Config:
         log=LogConfig(**values["log"]),
         store=StoreConfig(**{**values["store"], "sentinels": tuple(values["store"]["sentinels"])}),
         source=source,
+        secret_files=MappingProxyType(
+            {f"{s}.{k}": v.path for (s, k), v in raw.values.items() if isinstance(v, _FileRef)}
+        ),
     )
 
 
@@ -543,10 +590,8 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     if auth["code_verifier"]:
         if grant != "authorization_code":
             raise fail("auth", "code_verifier", "is only sent with grant_type authorization_code")
-        verifier = auth["code_verifier"]
-        # RFC 7636 §4.1; the value itself is never quoted (a secret).
-        if not 43 <= len(verifier) <= 128 or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in verifier):
-            raise fail("auth", "code_verifier", "must be 43 to 128 characters of A-Z, a-z, 0-9, '-', '.', '_', '~'")
+        if problem := check_secret("auth.code_verifier", auth["code_verifier"]):
+            raise fail("auth", "code_verifier", problem)
 
     needs = {
         "password": ("username", "password"),

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -37,6 +37,9 @@ from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
 from .providers import PRESETS
 from .state import Token, token_clock
+
+if TYPE_CHECKING:
+    from .secrets import Secrets
 
 TOKEN_CONTENT_TYPES = {"form": "application/x-www-form-urlencoded", "json": "application/json"}
 # Statuses that mean "later", not "no".
@@ -100,9 +103,13 @@ class IdentityProvider:
         *,
         clock: Callable[[], float] = token_clock,
         wall_clock: Callable[[], float] = time.time,
+        secrets: Secrets | None = None,
     ) -> None:
+        """``secrets``: where the secret values in force are read at each request (they rotate,
+        proxy/secrets.py); without it, those of ``auth``."""
         self._session = session
-        self._auth = auth
+        self._given_auth = auth
+        self._in_force = secrets
         self._inject = inject
         self._clock = clock
         self._wall = wall_clock
@@ -115,6 +122,11 @@ class IdentityProvider:
         self._endpoints: Endpoints | None = None
         if auth.token_url:
             self._endpoints = Endpoints(auth.token_url, auth.logout_url, auth.revoke_url)
+
+    @property
+    def _auth(self) -> AuthConfig:
+        """``[auth]`` with the secrets in force now (a rotated file takes effect at the next token request)."""
+        return self._in_force.auth if self._in_force is not None else self._given_auth
 
     # --- grants ----------------------------------------------------------------------------------
 

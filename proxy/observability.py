@@ -53,6 +53,12 @@ EVENTS: Mapping[str, str] = {
     "sidecar.accept_failed": "accept() failed, out of open files or memory (at most every 5 s)",
     "sidecar.stopping": "SIGTERM or SIGINT: in-flight requests get listen.shutdown_grace_s",
     "sidecar.stopped": "the process is about to exit 0",
+    "sidecar.reloaded": "SIGHUP: the secret files were read again (which changed, which keep their last good value)",
+    # rotated secrets (proxy/secrets.py)
+    "secret.rotated": "a secret file changed: its new value is in force (the key and file, never the value)",
+    "secret.unreadable": "a secret file cannot be read, is empty or invalid: the last good value stays in force",
+    "secret.readable": "a secret file that could not be read is readable again",
+    "secret.watch_failed": "watching the secret files failed on a bug in the proxy (its type and file:line)",
     # requests (proxy/forward.py; request.malformed by MalformedRequestFilter below)
     "request": "one access line per request (logger oauth_sidecar.access)",
     "request.failed": "the proxy answered 5xx itself (502 unreachable, 503 no token, 504 timeout)",

@@ -41,7 +41,7 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 # Linux's CLOCK_BOOTTIME and macOS's CLOCK_MONOTONIC count the time the machine was asleep; Python's
@@ -513,6 +513,28 @@ def retry_delay(lc: Lifecycle, now: float, rand: float, retry_after: float | Non
     if retry_after is not None:
         delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
     return delay
+
+
+def on_credentials_changed(lc: Lifecycle, keys: Iterable[str], now: float) -> Lifecycle:
+    """The secrets ``keys`` ("auth.password", "access.api_key", ...) were replaced at ``now`` (a rotated
+    file, SIGHUP: proxy/secrets.py).
+
+    Credentials the provider refused are tried again now instead of after the backoff: the backoff waits
+    for someone to fix them, and this is the fix (``login_wait`` still keeps logins MIN_LOGIN_INTERVAL_S
+    apart, so a file rewritten in a loop cannot lock the account faster than wrong passwords would). A spent
+    authorization code or configured refresh token that was replaced is a new one, never sent: logins may
+    send it. Secrets the provider never sees (``access.*``) change nothing here.
+    """
+    auth = {key.partition(".")[2] for key in keys if key.startswith("auth.")}
+    if not auth:
+        return lc
+    new = replace(
+        lc,
+        code_spent=lc.code_spent and "code" not in auth,
+        configured_refresh_spent=lc.configured_refresh_spent and "refresh_token" not in auth,
+        retry_at=now if lc.phase is Phase.REJECTED and lc.retry_at > now else lc.retry_at,
+    )
+    return lc if new == lc else new
 
 
 def on_accepted(lc: Lifecycle, token: Token) -> Lifecycle:

@@ -241,6 +241,14 @@ class TokenManager:
         token = self.usable()
         return token if token is not rejected else None
 
+    def credentials_changed(self, keys: tuple[str, ...]) -> None:
+        """The secrets ``keys`` were replaced (proxy/secrets.py): what that changes is
+        ``state.on_credentials_changed``'s decision (refused credentials: the next login now); the
+        scheduler wakes for it."""
+        lc = state.on_credentials_changed(self._lc, keys, self._clock())
+        if lc is not self._lc:
+            self._set(lc)
+
     # --- life of the manager ---------------------------------------------------------------------
 
     def start(self) -> None:
