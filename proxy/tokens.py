@@ -68,6 +68,8 @@ REFRESH_TOKEN_SPENT = (
 UNSPENT_REASONS = ("unreachable", "server_error", "rate_limited", "temporarily_unavailable")
 
 
+# Backing off without a token, a request looks in the store for another process's token at most this often.
+PEEK_INTERVAL_S = 1.0
 STORE_NEEDED = (
     "the store is unavailable and the refresh token the fleet shares may only be presented by the process that "
     "obtained it (presenting it twice is refresh-token reuse); this grant cannot log in again: waiting for the store"
@@ -142,6 +144,8 @@ class TokenManager:
         # it from the provider: without the store, only that process presents it.
         self._fleet_refresh: str | None = None
         self._fleet_refresh_mine = False
+        self._credentials_at = 0.0  # wall clock: when this process's [auth] secrets last changed
+        self._peeked_at = -math.inf  # when a request backing off last looked in the store (_peek)
 
         self._lc = Lifecycle(grant_type=idp.grant_type)
         self._flight: asyncio.Task[None] | None = None
@@ -190,6 +194,10 @@ class TokenManager:
         if token is not None:
             return token
         if self._flight is None and self._waiting_out_backoff():
+            if self._store is not None and await self._peek():
+                token = self.usable()
+                if token is not None:
+                    return token
             raise NoToken(self.reason(), retry_after=self.retry_after())
         # Once the provider has failed, a retry may hang until auth.timeout_s: wait for it only briefly.
         wait = FAILING_PROVIDER_WAIT_S if self._provider_failing() else None
@@ -246,6 +254,9 @@ class TokenManager:
         ``state.on_credentials_changed``'s decision (refused credentials: the next login now); the
         scheduler wakes for it."""
         lc = state.on_credentials_changed(self._lc, keys, self._clock())
+        if any(key.startswith("auth.") for key in keys):
+            # A refusal the fleet wrote before now was of the old credentials: this process tries the new ones.
+            self._credentials_at = self._wall()
         if lc is not self._lc:
             self._set(lc)
 
@@ -493,6 +504,30 @@ class TokenManager:
                 )
             await store.wait(min(store.lease_s, deadline - loop.time()))
 
+    async def _peek(self) -> bool:
+        """Backing off without a token: has another process of the fleet written one meanwhile (its
+        credentials were fixed, or the provider answers it again)? At most one look a second; True when a
+        token was taken."""
+        store = self._store
+        now = self._clock()
+        if store is None or now < self._peeked_at + PEEK_INTERVAL_S or not store.usable():
+            return False
+        self._peeked_at = now
+        try:
+            entry = await store.read()
+        except StoreUnavailable:
+            return False
+        if self._flight is not None or not self._waiting_out_backoff() or entry is None:
+            return False
+        token = self._token_from(entry, self._clock())
+        if token is None or token.health(self._clock(), self._margin) is not Health.FRESH:
+            return False
+        if self._lc.token is not None and token.access_token == self._lc.token.access_token:
+            return False
+        self._seen = entry.version
+        self._adopt(token, entry)
+        return True
+
     def _take(self, entry: Entry | None, rejected: Token | None) -> bool:
         """Adopt the entry's token when it is FRESH and new to this process, or the fleet's refusal when no
         token can be sent; a usable token this process lacks is adopted too, but the renewal goes on."""
@@ -510,7 +545,11 @@ class TokenManager:
                     self._adopt(token, entry)
                     return health is Health.FRESH
         wall = self._wall()
-        if entry.rejected_until > wall and (self.usable() is None or rejected is not None):
+        if (
+            entry.rejected_until > wall
+            and (self.usable() is None or rejected is not None)
+            and entry.written_at >= self._credentials_at
+        ):
             self._set(
                 state.on_fleet_rejected(
                     self._lc, now, retry_at=now + entry.rejected_until - wall, rejections=entry.rejections
@@ -624,7 +663,11 @@ class TokenManager:
         event("store.write_conflict", level=logging.WARNING, kind=store.kind, version=self._seen)
 
     def _adopt(self, token: Token, entry: Entry) -> None:
-        self._set(state.on_adopted(self._lc, token, login_spent=entry.login_spent))
+        self._set(
+            state.on_adopted(
+                self._lc, token, login_spent=entry.login_spent and entry.written_at >= self._credentials_at
+            )
+        )
         self._fleet_refresh = token.refresh_token
         self._fleet_refresh_mine = self._store is not None and entry.writer == self._store.owner
         self.counts["adopted"] += 1

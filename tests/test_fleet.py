@@ -212,3 +212,33 @@ async def test_two_managers_on_one_file_share_one_token_and_the_file_holds_none(
     async with Fleet(idp, [file_store(path)]) as restarted:
         await restarted.managers[0].get()
     assert len(idp.calls) == calls  # restart: no login
+
+
+async def test_a_fixed_password_on_one_replica_ends_the_fleets_backoff(redis_server):
+    """The fleet backs off after a refused login (minutes); the password file is fixed (each replica sees it
+    change): the next login happens at once, and replicas still backing off take its token from the store."""
+    idp = FakeIdP()
+    idp.outcomes = [rejected()]
+    stores = [redis_store(redis_server) for _ in range(FLEET)]
+    async with Fleet(idp, stores) as fleet:  # the real backoff: a minute
+        assert await wait_until(lambda: all(m.phase.value == "rejected" for m in fleet.managers), 3.0)
+        assert idp.kinds == ["login"]
+        fleet.managers[0].credentials_changed(("auth.password",))
+        await fleet.traffic(1.5)
+        held = [m.held.access_token if m.held else None for m in fleet.managers]
+    assert idp.kinds == ["login", "login"]  # one login with the new password, for the whole fleet
+    assert held == ["access-s3cr3t-tok-1"] * FLEET
+    assert sum(fleet.errors.values()) > 0  # requests before the fix got the 503 they get today, no more
+
+
+async def test_a_refusal_the_fleet_wrote_after_the_change_is_not_ignored(redis_server):
+    """Each replica sees the Secret change; the new password is wrong too: one login for the fleet, not one each."""
+    idp = FakeIdP()
+    idp.outcomes = [rejected(), rejected(), rejected(), rejected(), rejected()]
+    stores = [redis_store(redis_server) for _ in range(FLEET)]
+    async with Fleet(idp, stores) as fleet:
+        assert await wait_until(lambda: all(m.phase.value == "rejected" for m in fleet.managers), 3.0)
+        for manager in fleet.managers:
+            manager.credentials_changed(("auth.password",))
+        await asyncio.sleep(2.0)
+    assert idp.kinds == ["login", "login"]
