@@ -194,11 +194,13 @@ def _metrics(request: web.Request) -> web.Response:
 
 
 def log_startup(config: Config) -> None:
+    shown = proxies(config)
     event(
         "sidecar.starting",
         version=__version__,
         provider=config.auth.provider,
         upstream=config.upstream.url,
         grant_type=config.auth.grant_type,
-        **{f"{side}_proxy": address or "direct" for side, address in proxies(config).items()},
+        upstream_proxy=shown["upstream"] or "direct",
+        token_endpoint_proxy=shown["token_endpoint"] or "direct",
     )
