@@ -282,21 +282,23 @@ async def test_proxy_that_needs_credentials(
         assert all(secret not in text for text in outputs)
 
 
-async def test_plain_http_upstream_through_the_proxy_in_absolute_form(
+async def test_plain_http_targets_through_the_proxy_in_absolute_form(
     aiohttp_server, aiohttp_client, tinyproxy, tmp_path, certs
 ):
-    """An http:// upstream with HTTP_PROXY set: the proxy gets an absolute-form request with its
-    credentials; the upstream never sees them."""
+    """http:// (loopback) token endpoint and upstream with HTTP_PROXY set: the proxy gets absolute-form
+    requests carrying its credentials (tinyproxy wants them), and the upstream never sees them."""
     idp = DemoIdP()
-    idp_server = await aiohttp_server(idp.app(), ssl=_server_tls(certs, "localhost"))
-    idp.base_url = f"https://localhost:{idp_server.port}"
+    idp_server = await aiohttp_server(idp.app())
+    idp.base_url = f"http://127.0.0.1:{idp_server.port}"
     api = await aiohttp_server(DemoAPI(idp).app())
     port, log = tinyproxy(f"BasicAuth {PROXY_USER} {PROXY_PASSWORD}")
-    env = {"HTTP_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{port}"}
+    env = {"HTTP_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{port}", "HTTPS_PROXY": "http://127.0.0.1:1"}
     client = await _sidecar(aiohttp_client, _config(tmp_path, idp, f"http://127.0.0.1:{api.port}", certs["ca"], env))
     resp = await client.get("/v1/echo/x?q=1")  # the demo API echoes what it got
     assert resp.status == 200, await resp.text()
     echoed = await resp.json()
     assert "proxy-authorization" not in {k.lower() for k, _ in echoed["headers"]}
-    assert f"GET http://127.0.0.1:{api.port}/v1/echo/x?q=1 HTTP/1.1" in _requests_seen(log)
-    assert not any(line.startswith("CONNECT") for line in _requests_seen(log))  # the token endpoint is https: direct
+    seen = _requests_seen(log)
+    assert f"POST {idp.token_url()} HTTP/1.1" in seen
+    assert f"GET http://127.0.0.1:{api.port}/v1/echo/x?q=1 HTTP/1.1" in seen
+    assert not any(line.startswith("CONNECT") for line in seen)
