@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from .egress import Egress, EgressError, credential_strings, proxy_environment
+from .egress import NO_PROXY_VARIABLES, Egress, EgressError, credential_strings, proxy_environment
 from .errors import ConfigError
 from .providers import PRESETS, Preset
 
@@ -137,7 +137,8 @@ class Config:
     def secrets(self) -> list[str]:
         """Every configured secret value (for the log redaction safety net), proxy credentials included."""
         values = [getattr(getattr(self, section), key) for section, key in SECRET_KEYS]
-        proxies = [self.upstream.proxy_url or "", self.auth.proxy_url or "", *self.proxy_env.values()]
+        variables = [value for name, value in self.proxy_env.items() if name not in NO_PROXY_VARIABLES]
+        proxies = [self.upstream.proxy_url or "", self.auth.proxy_url or "", *variables]
         values += [s for url in proxies if url for s in credential_strings(url)]
         return [v for v in values if v]
 
