@@ -82,13 +82,16 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
             connect_timeout_s=config.upstream.connect_timeout_s,
             timeout_s=config.upstream.timeout_s,
             ssl_context=context,
+            proxy=config.egress("upstream").for_url(config.upstream.url),
         )
         idp_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=IDP_POOL_SIZE, ssl=context),
             cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
+            trust_env=False,  # the proxy is chosen per request by proxy/egress.py (auth.proxy_url, HTTPS_PROXY)
         )
-        idp = IdentityProvider(idp_session, config.auth, config.inject, secrets=app[SECRETS])
+        idp = IdentityProvider(
+            idp_session, config.auth, config.inject, secrets=app[SECRETS], egress=config.egress("auth")
+        )
         store = open_store(config.store, config.auth)
         if store is not None:
             store.metrics = app[METRICS]
@@ -180,9 +183,23 @@ def _status(request: web.Request) -> web.Response:
         "provider": config.auth.provider,
         "grant_type": config.auth.grant_type,
         "upstream": config.upstream.url,
+        "proxy": proxies(config),
         **request.app[TOKENS].status(),
     }
     return web.json_response(body)
+
+
+def proxies(config: Config) -> dict[str, str | None]:
+    """The proxy (host:port, never its credentials) each side goes through, or None for direct."""
+    auth_url = config.auth.token_url or config.auth.issuer
+    shown: dict[str, str | None] = {}
+    for side, url in (("upstream", config.upstream.url), ("token_endpoint", auth_url)):
+        try:
+            proxy = config.egress("auth" if side == "token_endpoint" else side).for_url(url)
+        except ValueError:  # checked when the configuration was loaded; a Config built by hand may skip that
+            proxy = None
+        shown[side] = proxy.address if proxy is not None else None
+    return shown
 
 
 def _metrics(request: web.Request) -> web.Response:
@@ -191,10 +208,13 @@ def _metrics(request: web.Request) -> web.Response:
 
 
 def log_startup(config: Config) -> None:
+    shown = proxies(config)
     event(
         "sidecar.starting",
         version=__version__,
         provider=config.auth.provider,
         upstream=config.upstream.url,
         grant_type=config.auth.grant_type,
+        upstream_proxy=shown["upstream"] or "direct",
+        token_endpoint_proxy=shown["token_endpoint"] or "direct",
     )

@@ -270,7 +270,7 @@ async def check(config: Config) -> int:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     async with session:
-        idp = IdentityProvider(session, config.auth, config.inject)
+        idp = IdentityProvider(session, config.auth, config.inject, egress=config.egress("auth"))
         try:
             token = await idp.login()
         except (TokenRejected, TokenUnavailable) as exc:

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from .egress import NO_PROXY_VARIABLES, Egress, EgressError, credential_strings, proxy_environment
 from .errors import ConfigError
 from .providers import PRESETS, Preset
 
@@ -51,6 +52,8 @@ MAX_SECRET_BYTES = 1 << 20
 
 # Field metadata for a value the loader sets itself (from the preset): not a configuration key.
 NOT_A_KEY = MappingProxyType({"key": False})
+# Field metadata for a string key whose default is None, "not set", told apart from "" (proxy_url).
+UNSET_STRING = MappingProxyType({"type": str})
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class UpstreamConfig:
     ca_file: str = ""
     pool_size: int = 100
     replay_limit_bytes: int = 65536
+    # None: from HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "": direct; else http://[user:password@]host:port (proxy/egress.py).
+    proxy_url: str | None = field(default=None, repr=False, metadata=UNSET_STRING)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class AuthConfig:
     revoke_url: str = ""
     logout_url: str = ""
     timeout_s: float = 30.0
+    proxy_url: str | None = field(default=None, repr=False, metadata=UNSET_STRING)  # as upstream.proxy_url
     # Values keep their TOML type: a JSON token body sends true/3 as JSON, a form sends "true"/"3".
     extra: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     auth_string: bool = field(default=False, metadata=NOT_A_KEY)  # from the preset: send base64(username:password)
@@ -154,12 +160,22 @@ class Config:
     source: str = ""  # where the configuration came from, for messages
     # "section.key" -> the file its secret was read from (`<key>_file`): read again when it changes (proxy/secrets.py)
     secret_files: Mapping[str, str] = field(default_factory=dict)
+    # The proxy variables (HTTPS_PROXY, NO_PROXY, ...) of the environment load_config read: see egress().
+    proxy_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def secrets(self) -> list[str]:
-        """Every configured secret value (for the log redaction safety net)."""
+        """Every configured secret value (for the log redaction safety net), proxy credentials included."""
         values = [getattr(getattr(self, section), key) for section, key in SECRET_KEYS]
-        store_url_password = urlsplit(self.store.url).password if self.store.url else None
-        return [v for v in (*values, store_url_password) if v]
+        variables = [value for name, value in self.proxy_env.items() if name not in NO_PROXY_VARIABLES]
+        proxies = [self.upstream.proxy_url or "", self.auth.proxy_url or "", *variables]
+        values += [s for url in proxies if url for s in credential_strings(url)]
+        values.append(urlsplit(self.store.url).password or "" if self.store.url else "")
+        return [v for v in values if v]
+
+    def egress(self, side: str) -> Egress:
+        """How requests of ``side`` ("upstream" or "auth") leave: direct or through which proxy."""
+        section: UpstreamConfig | AuthConfig = self.upstream if side == "upstream" else self.auth
+        return Egress(section.proxy_url, self.proxy_env, f"{side}.proxy_url")
 
 
 def _schema() -> dict[str, dict[str, tuple[type, Any]]]:
@@ -179,7 +195,7 @@ def _schema() -> dict[str, dict[str, tuple[type, Any]]]:
                 default = list(default)
             elif isinstance(default, Mapping):
                 default = dict(default)
-            table[key.name] = (type(default), default)
+            table[key.name] = (key.metadata.get("type", type(default)), default)
         schema[section.name] = table
     return schema
 
@@ -228,7 +244,7 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
         source = str(path)
         _read_toml(Path(path), raw)
     _read_env(env, raw)
-    return _build(raw, source)
+    return _build(raw, source, proxy_environment(env))
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str = "<built-in>") -> Config:
@@ -422,7 +438,7 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
     return value
 
 
-def _build(raw: _Raw, source: str) -> Config:
+def _build(raw: _Raw, source: str, proxy_env: Mapping[str, str] | None = None) -> Config:
     values: dict[str, dict[str, Any]] = {s: {k: _typed(raw, s, k) for k in keys} for s, keys in SCHEMA.items()}
 
     def where(section: str, key: str) -> str:
@@ -459,7 +475,7 @@ def _build(raw: _Raw, source: str) -> Config:
         auth["revoke_url"] = auth["revoke_url"] or base + "/revoke"
 
     access = values["access"]
-    return Config(
+    config = Config(
         listen=ListenConfig(
             host=values["listen"]["host"],
             port=values["listen"]["port"],
@@ -485,7 +501,30 @@ def _build(raw: _Raw, source: str) -> Config:
         secret_files=MappingProxyType(
             {f"{s}.{k}": v.path for (s, k), v in raw.values.items() if isinstance(v, _FileRef)}
         ),
+        proxy_env=MappingProxyType(dict(proxy_env or {})),
     )
+    _check_egress(config, where)
+    return config
+
+
+def _check_egress(config: Config, where: Any) -> None:
+    """Each side's proxy setting, for each URL the side is configured with: a ConfigError naming the key
+    (``upstream.proxy_url``) or the variable (``HTTPS_PROXY``). A variable no configured URL uses is not
+    looked at (an ``http_proxy`` pointing at a SOCKS proxy, for other programs, does no harm)."""
+    auth = config.auth
+    for side, urls in (
+        ("upstream", (config.upstream.url,)),
+        ("auth", (auth.token_url, auth.issuer, auth.revoke_url, auth.logout_url)),
+    ):
+        egress = config.egress(side)
+        for url in urls:
+            if not url:
+                continue
+            try:
+                egress.for_url(url)
+            except EgressError as exc:
+                origin = where(side, "proxy_url") if exc.key.endswith(".proxy_url") else "environment"
+                raise ConfigError(exc.key, exc.problem, origin) from None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -33,6 +33,7 @@ import aiohttp
 import jwt
 
 from .config import SECRET_KEYS, AuthConfig, InjectConfig, check_url
+from .egress import Egress, EgressError, EgressProxy, refusal
 from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
 from .providers import PRESETS
@@ -104,12 +105,14 @@ class IdentityProvider:
         clock: Callable[[], float] = token_clock,
         wall_clock: Callable[[], float] = time.time,
         secrets: Secrets | None = None,
+        egress: Egress | None = None,
     ) -> None:
         """``secrets``: where the secret values in force are read at each request (they rotate,
         proxy/secrets.py); without it, those of ``auth``."""
         self._session = session
         self._given_auth = auth
         self._in_force = secrets
+        self._egress = egress  # which proxy each request goes through (auth.proxy_url, HTTPS_PROXY); None: direct
         self._inject = inject
         self._clock = clock
         self._wall = wall_clock
@@ -245,9 +248,16 @@ class IdentityProvider:
 
     async def _discover(self, issuer: str) -> Endpoints:
         url = issuer + DISCOVERY_PATH
+        proxy, via, headers = self._via(url, "discovery_failed")
         try:
             # Never followed: a redirect is no discovery document (and could point anywhere, over http too).
-            async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
+            async with self._session.get(
+                url, headers=headers, timeout=self._timeout, allow_redirects=False, **via
+            ) as resp:
+                if resp.status == 407 and proxy is not None:
+                    raise TokenUnavailable(
+                        f"OpenID discovery at {url} failed: {refusal(proxy, 407, url)}", reason="discovery_failed"
+                    )
                 if resp.status != 200:
                     raise TokenUnavailable(
                         f"OpenID discovery at {url} answered {resp.status}", reason="discovery_failed"
@@ -255,7 +265,7 @@ class IdentityProvider:
                 raw, whole = await _read_body(resp.content, MAX_TOKEN_BODY)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
-                f"OpenID discovery at {url} failed ({_describe_transport(exc)})", reason="discovery_failed"
+                f"OpenID discovery at {url} failed ({_describe_transport(exc, proxy)})", reason="discovery_failed"
             ) from exc
         if not whole:
             raise TokenUnavailable(
@@ -335,10 +345,16 @@ class IdentityProvider:
             data = json.dumps(payload)
         else:
             data = urlencode({k: _form_value(v) for k, v in payload.items()})
+        proxy, via, proxy_headers = self._via(url, "unreachable")
+        headers.update(proxy_headers)
         try:
             async with self._session.post(
-                url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False
+                url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False, **via
             ) as resp:
+                if resp.status == 407 and proxy is not None:  # the proxy's answer (plain http), not the endpoint's
+                    raise TokenUnavailable(
+                        f"token endpoint unreachable: {refusal(proxy, 407, url)}", reason="unreachable"
+                    )
                 status, content_type = resp.status, resp.content_type
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
                 # An error body is only described (its first MAX_ERROR_BODY bytes); a token body must be whole.
@@ -347,7 +363,7 @@ class IdentityProvider:
             raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
-                f"token endpoint unreachable ({_describe_transport(exc)})", reason="unreachable"
+                f"token endpoint unreachable ({_describe_transport(exc, proxy)})", reason="unreachable"
             ) from exc
         if not whole and status < 300:
             raise TokenUnavailable(
@@ -358,6 +374,30 @@ class IdentityProvider:
         if status in TRANSIENT_STATUSES or status >= 500:
             raise _error_from_response(reply, redact, retry_after)
         return reply
+
+    def _via(self, url: str, reason: str) -> tuple[EgressProxy | None, dict[str, Any], dict[str, str]]:
+        """The proxy for ``url``, aiohttp's arguments for it, and headers to add to the request.
+
+        aiohttp does the CONNECT (an https:// URL: TLS verified against the endpoint's name) or the
+        absolute-form request (http://). The credentials go to the proxy only: on the CONNECT request
+        (``proxy_headers``), or, without a tunnel, on the request the proxy reads; never inside a tunnel.
+        """
+        if self._egress is None:
+            return None, {}, {}
+        try:
+            proxy = self._egress.for_url(url)
+        except EgressError as exc:  # a URL found by discovery, with a proxy variable no configured URL used
+            raise TokenUnavailable(f"no usable proxy for {url} ({exc})", reason=reason) from None
+        if proxy is None:
+            return None, {}, {}
+        via: dict[str, Any] = {"proxy": proxy.url}
+        credentials = proxy.authorization
+        if credentials is None:
+            return proxy, via, {}
+        if url.lower().startswith("https:"):
+            via["proxy_headers"] = {"Proxy-Authorization": credentials}
+            return proxy, via, {}
+        return proxy, via, {"Proxy-Authorization": credentials}
 
     # --- parsing ---------------------------------------------------------------------------------
 
@@ -618,7 +658,14 @@ def _error_from_response(
     return TokenRejected(error, description, status)
 
 
-def _describe_transport(exc: BaseException) -> str:
+def _describe_transport(exc: BaseException, proxy: EgressProxy | None = None) -> str:
+    if proxy is not None:
+        if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's answer to CONNECT: its status only
+            return refusal(proxy, exc.status, "the token endpoint")
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return (
+                f"cannot connect to the proxy {proxy.address} ({proxy.source}): {exc.os_error.strerror or exc.os_error}"
+            )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "TLS certificate verification failed"
     if isinstance(exc, aiohttp.ClientConnectorError):

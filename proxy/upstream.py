@@ -18,6 +18,13 @@ fresh llhttp parser; bytes past the end of a response are never parsed or relaye
 connection. A connection goes back to the pool only when both directions are done and both sides
 allow keep-alive (``ExchangeState.reusable``).
 
+Through an HTTP proxy (``proxy``, decided by proxy/egress.py): an https:// upstream is reached
+through a ``CONNECT`` tunnel, one per connection, with TLS started on the tunnel
+(``loop.start_tls``) and verified against the upstream's own name (SNI too), so the proxy sees only
+ciphertext; a plain http:// upstream gets absolute-form requests sent to the proxy. The proxy's answer
+to CONNECT is read strictly (a bounded head, 200 only); anything else is a 502 naming its status,
+never relaying its body. The pool serves one (proxy, upstream) pair, so its connections are per pair.
+
 ``timeout_s`` counts time with no byte moving in either direction (:class:`_Idle`): a response head
 that does not come is a 504, a body that stops is cut, a body that keeps moving is never cut.
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import time
 from collections import deque
@@ -41,6 +49,7 @@ from typing import Protocol
 import httptools
 from yarl import URL
 
+from .egress import EgressProxy, refusal
 from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
 from .wire import (
     NO_BODY,
@@ -77,6 +86,11 @@ MAX_INFORMATIONAL = 16
 # A request lost on a reused connection is sent again only when repeating it is harmless (RFC 9110
 # §9.2.2): the upstream may have read a POST and acted on it before closing without an answer.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# A proxy's answer to CONNECT is a status line and a few headers (tinyproxy's and squid's: under 200
+# bytes); one larger than this is refused rather than buffered.
+MAX_TUNNEL_HEAD = 8 * 1024
+_TUNNEL_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?")
+_TUNNEL_FIELD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*")
 
 
 class BodyStream(Protocol):
@@ -465,6 +479,11 @@ class Exchange:
                 )
             await conn.wait()
 
+    def discard(self) -> None:
+        """Done with this response, unread: its connection is closed."""
+        self._conn._abort()
+        self.release()
+
     def release(self) -> None:
         """Done with this response: back to the pool when both directions are done, else closed."""
         if self._timer is not None:
@@ -504,7 +523,8 @@ class _Idle:
 
 
 class Pool:
-    """Keep-alive connections to the one upstream origin, at most ``limit`` open at a time."""
+    """Keep-alive connections to the one upstream origin, at most ``limit`` open at a time; through
+    ``proxy`` when one is given (every connection then goes through it)."""
 
     def __init__(
         self,
@@ -515,6 +535,7 @@ class Pool:
         timeout_s: float,
         ssl_context: ssl.SSLContext | None,
         clock: Callable[[], float] = time.monotonic,
+        proxy: EgressProxy | None = None,
     ) -> None:
         base = URL(url)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -527,6 +548,20 @@ class Pool:
         if not base.is_default_port():
             netloc += f":{self._port}"
         self.host_header = (b"Host", netloc.encode("idna" if not netloc.isascii() else "ascii"))
+        self._proxy = proxy
+        self._tunnel = proxy is not None and self._ssl is not None
+        raw_host = base.raw_host or self._host
+        self._authority = f"[{raw_host}]:{self._port}" if ":" in raw_host else f"{raw_host}:{self._port}"
+        credentials = proxy.authorization if proxy is not None else None
+        proxy_line = b"Proxy-Authorization: %s\r\n" % credentials.encode("ascii") if credentials else b""
+        authority = self._authority.encode("idna" if not self._authority.isascii() else "ascii")
+        self._connect_head = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (authority, authority, proxy_line)
+        # A plain http:// upstream through a proxy: absolute-form targets (RFC 9112 §3.2.2), and the proxy's
+        # credentials on every request (never sent on a tunnel, where only the upstream would read them).
+        self._origin: bytes | None = (
+            b"http://" + self.host_header[1] if proxy is not None and not self._tunnel else None
+        )
+        self._proxy_line = proxy_line
         self._limit = max(1, limit)
         self._connect_timeout = connect_timeout_s
         self._timeout = timeout_s
@@ -575,6 +610,8 @@ class Pool:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         deadline = loop.time() + self._timeout
+        if self._origin is not None:
+            head = self._absolute_form(head)
         for attempt in range(2):
             conn = self._idle_connection() or await self._acquire(loop, deadline)
             try:
@@ -583,9 +620,13 @@ class Pool:
                 self._put_back(conn)
                 raise
             try:
-                return await self._exchange(loop, conn, method, whole, body, framing, retry=attempt == 0)
+                exchange = await self._exchange(loop, conn, method, whole, body, framing, retry=attempt == 0)
             except _Retry:
                 continue
+            if exchange.status == 407 and self._origin is not None and self._proxy is not None:
+                exchange.discard()  # the proxy's own answer, not the upstream's: never relayed
+                raise UpstreamUnreachable(f"cannot reach the upstream: {refusal(self._proxy, 407, self._authority)}")
+            return exchange
         raise UpstreamUnreachable("the upstream closed the connection before answering")
 
     async def _exchange(
@@ -705,9 +746,20 @@ class Pool:
                 except ValueError:
                     pass
 
+    def _absolute_form(self, head: bytes) -> bytes:
+        """``GET /p HTTP/1.1`` -> ``GET http://host:port/p HTTP/1.1``, the proxy's credentials after it."""
+        target = head.index(b" ") + 1
+        line_end = head.index(b"\r\n") + 2
+        assert self._origin is not None
+        return head[:target] + self._origin + head[target:line_end] + self._proxy_line + head[line_end:]
+
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        proxy = self._proxy
+        via = "" if proxy is None else f" through the proxy {proxy.address}"
         try:
             async with asyncio.timeout(self._connect_timeout):
+                if proxy is not None:
+                    return await self._through(loop, proxy)
                 _, conn = await loop.create_connection(
                     lambda: Connection(loop, self._clock),
                     self._host,
@@ -717,14 +769,46 @@ class Pool:
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(
-                f"could not connect to the upstream within {self._connect_timeout:g}s (upstream.connect_timeout_s)"
+                f"could not connect to the upstream{via} within {self._connect_timeout:g}s (upstream.connect_timeout_s)"
             ) from exc
         except ssl.SSLCertVerificationError as exc:
             raise UpstreamUnreachable(
-                f"cannot connect to the upstream (TLS certificate verification failed: {exc.verify_message})"
+                f"cannot connect to the upstream{via} (TLS certificate verification failed: {exc.verify_message})"
             ) from exc
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnreachable(f"cannot connect to the upstream ({_describe(exc)})") from exc
+            raise UpstreamUnreachable(f"cannot connect to the upstream{via} ({_describe(exc)})") from exc
+        return conn
+
+    async def _through(self, loop: asyncio.AbstractEventLoop, proxy: EgressProxy) -> Connection:
+        """A connection to the upstream through ``proxy``: a CONNECT tunnel with TLS started on it, verified
+        against the upstream's name; for a plain http:// upstream, the connection to the proxy itself."""
+        try:
+            if not self._tunnel:
+                _, conn = await loop.create_connection(lambda: Connection(loop, self._clock), proxy.host, proxy.port)
+                return conn
+            transport, opener = await loop.create_connection(lambda: _TunnelOpener(loop), proxy.host, proxy.port)
+        except OSError as exc:
+            raise UpstreamUnreachable(
+                f"cannot connect to the proxy {proxy.address} ({proxy.source}): {_describe(exc)}"
+            ) from exc
+        try:
+            transport.write(self._connect_head)
+            status = _tunnel_status(await opener.answer(), proxy)
+            if status != 200:
+                raise UpstreamUnreachable(f"cannot reach the upstream: {refusal(proxy, status, self._authority)}")
+            if opener.late:  # bytes from the proxy before the TLS client spoke: no upstream sent them
+                raise UpstreamUnreachable(
+                    f"the proxy {proxy.address} ({proxy.source}) sent bytes after its answer to CONNECT"
+                )
+            conn = Connection(loop, self._clock)
+            assert self._ssl is not None  # a tunnel is only for an https:// upstream
+            tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=self._host)
+            if tls is None:
+                raise ConnectionResetError("the tunnel closed during the TLS handshake")
+        except BaseException:
+            transport.abort()
+            raise
+        conn.connection_made(tls)  # start_tls hands the new transport back; the protocol is not told
         return conn
 
     def release(self, conn: Connection) -> None:
@@ -768,6 +852,52 @@ class Pool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class _TunnelOpener(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT: a head of at most MAX_TUNNEL_HEAD bytes, and nothing after it
+    (in TLS the client speaks first, so any byte past the head came from the proxy, not the upstream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._buffer = bytearray()
+        self._head: asyncio.Future[bytes] = loop.create_future()
+        self.late = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._head.done():
+            self.late = True
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end == -1:
+            if len(self._buffer) > MAX_TUNNEL_HEAD:
+                self._head.set_exception(
+                    ConnectionError(f"the proxy's answer to CONNECT ran past {MAX_TUNNEL_HEAD // 1024} KiB")
+                )
+            return
+        if end + 4 != len(self._buffer):
+            self.late = True
+        self._head.set_result(bytes(self._buffer[: end + 4]))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._head.done():
+            self._head.set_exception(ConnectionResetError("the proxy closed the connection before answering CONNECT"))
+
+    async def answer(self) -> bytes:
+        return await self._head
+
+
+def _tunnel_status(head: bytes, proxy: EgressProxy) -> int:
+    """The status of a proxy's answer to CONNECT, read strictly: ``HTTP/1.x NNN reason``, header lines
+    ``name: value`` (ignored: a 200 to CONNECT has no body, RFC 9110 §9.3.6), CRLF line ends."""
+    lines = head[:-4].split(b"\r\n")
+    status = _TUNNEL_STATUS.fullmatch(lines[0])
+    if status is None or not all(_TUNNEL_FIELD.fullmatch(line) for line in lines[1:]):
+        raise UpstreamUnreachable(f"the proxy {proxy.address} ({proxy.source}) sent a malformed answer to CONNECT")
+    return int(status.group(1))
 
 
 async def _send_stream(conn: Connection, body: BodyStream, framing: Framing) -> None:
