@@ -56,6 +56,24 @@ MAX_PEM_BYTES = 1024 * 1024
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
+# OpenSSL's names for the TLS alerts of a server that wants a client certificate it did not get (RFC 8446
+# §4.4.2.4: certificate_required; a TLS 1.2 server answers handshake_failure), and of one that refuses the
+# certificate it got. With TLS 1.3 the client's handshake is over before the server checks: the alert
+# arrives on the first read, so it is found in whatever error that read raised.
+TLS_NO_CERT_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "certificate required",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "handshake failure",
+}
+TLS_BAD_CERT_ALERTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "unsupported certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+}
+
 
 class KeyFileError(ValueError):
     """A key or certificate that cannot be used; the message names the file, never its content.
@@ -178,6 +196,23 @@ def _no_password() -> bytes:
     raise KeyFileError("the private key is encrypted; give it unencrypted")
 
 
+def describe_tls_refusal(exc: BaseException, cert_key: str, presented: bool | None = None) -> str | None:
+    """What a server's TLS alert about the client certificate means, naming the key to set (``cert_key``), or
+    None when ``exc`` is no such alert. ``presented``: whether a certificate was offered (None: unknown)."""
+    text = str(exc).upper()
+    for alert, words in TLS_NO_CERT_ALERTS.items():
+        if alert in text:
+            if presented:
+                return f"TLS handshake refused (alert: {words}): the server did not accept {cert_key}"
+            if presented is None:
+                return f"TLS handshake refused (alert: {words}): the server wants a client certificate ({cert_key})"
+            return f"TLS handshake refused (alert: {words}): the server requires a client certificate; set {cert_key}"
+    for alert, words in TLS_BAD_CERT_ALERTS.items():
+        if alert in text:
+            return f"TLS handshake refused (alert: {words}): the server refused the client certificate ({cert_key})"
+    return None
+
+
 def tls_context(ca_file: str = "", cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
     """The system trust store plus ``ca_file``, verification always on; with ``cert_file``, the client
     certificate (and ``key_file``, else the key in ``cert_file``) offered to servers that ask for one."""
@@ -226,6 +261,7 @@ class ClientAuthenticator:
         self._secret: str = auth.client_secret
         self._clock = clock
         self._signer: Signer | None = None
+        self._audience: str = auth.assertion_audience
         headers = {"typ": "JWT"}
         if auth.client_key_id:
             headers["kid"] = auth.client_key_id
@@ -239,7 +275,8 @@ class ClientAuthenticator:
 
     def apply(self, payload: MutableMapping[str, Any], headers: MutableMapping[str, str], audience: str) -> str:
         """Add the credentials to ``payload`` (the body's fields) and ``headers``; returns the assertion
-        made for this request ("" without one), for the caller to redact."""
+        made for this request ("" without one), for the caller to redact. ``audience`` is the token
+        endpoint's URL, the assertion's ``aud`` unless ``auth.assertion_audience`` says otherwise."""
         if self.method == "basic" and self._secret:
             # RFC 6749 §2.3.1: each part form-encoded before the base64.
             pair = f"{quote(self._client_id, safe='')}:{quote(self._secret, safe='')}"
@@ -248,7 +285,7 @@ class ClientAuthenticator:
         if self._client_id:  # RFC 7521 §4.2 allows it beside an assertion; Entra ID requires it
             payload["client_id"] = self._client_id
         if self._signer is not None:
-            assertion = self._signer.assertion(audience, self._clock())
+            assertion = self._signer.assertion(self._audience or audience, self._clock())
             payload["client_assertion_type"] = ASSERTION_TYPE
             payload["client_assertion"] = assertion
             return assertion

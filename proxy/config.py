@@ -98,6 +98,7 @@ class AuthConfig:
     client_key_file: str = ""  # PEM private key: signs private_key_jwt assertions; the TLS key of client_cert_file
     client_key_alg: str = ""  # RS256 | PS256 | ES256 (HS256 for client_secret_jwt); "": from the key type
     client_key_id: str = ""  # the assertion's kid header
+    assertion_audience: str = ""  # the assertion's aud; "": the token endpoint (Auth0 wants its tenant URL)
     client_cert_file: str = ""  # PEM client certificate for the token endpoint (tls_client_auth; x5t in assertions)
     refresh_margin_s: float = 60.0
     default_lifetime_s: float = 36000.0
@@ -608,6 +609,8 @@ def _validate_client_keys(upstream: dict[str, Any], auth: dict[str, Any], fail: 
             )
         if auth["client_key_alg"] not in ("", "HS256"):
             raise fail("auth", "client_key_alg", f"client_secret_jwt signs HS256, got {auth['client_key_alg']!r}")
+    if any(not c.isprintable() or c.isspace() for c in auth["assertion_audience"]):
+        raise fail("auth", "assertion_audience", "must be a URL or identifier without spaces or control characters")
     if method == "private_key_jwt" and not auth["client_key_file"]:
         raise fail(
             "auth", "client_key_file", "required for client_auth private_key_jwt: the PEM private key that signs"
@@ -615,7 +618,7 @@ def _validate_client_keys(upstream: dict[str, Any], auth: dict[str, Any], fail: 
     if method == "tls_client_auth" and not auth["client_cert_file"]:
         raise fail("auth", "client_cert_file", "required for client_auth tls_client_auth: the PEM client certificate")
     if method not in JWT_METHODS:
-        for key in ("client_key_alg", "client_key_id"):
+        for key in ("client_key_alg", "client_key_id", "assertion_audience"):
             if auth[key]:
                 raise fail("auth", key, "only used with client_auth private_key_jwt or client_secret_jwt")
     if auth["client_key_file"] and method != "private_key_jwt" and not auth["client_cert_file"]:

@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 import aiohttp
 import jwt
 
-from .client_auth import ClientAuthenticator
+from .client_auth import ClientAuthenticator, describe_tls_refusal
 from .config import SECRET_KEYS, AuthConfig, InjectConfig, check_url
 from .errors import TokenRejected, TokenUnavailable
 from .observability import Redactor, event
@@ -337,7 +337,7 @@ class IdentityProvider:
             raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
-                f"token endpoint unreachable ({_describe_transport(exc)})", reason="unreachable"
+                f"token endpoint unreachable ({_describe_transport(exc, a.client_cert_file)})", reason="unreachable"
             ) from exc
         if not whole and status < 300:
             raise TokenUnavailable(
@@ -608,9 +608,11 @@ def _error_from_response(
     return TokenRejected(error, description, status)
 
 
-def _describe_transport(exc: BaseException) -> str:
+def _describe_transport(exc: BaseException, cert_file: str = "") -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "TLS certificate verification failed"
+    if refusal := describe_tls_refusal(exc, "auth.client_cert_file", presented=bool(cert_file)):
+        return refusal
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, asyncio.TimeoutError):

@@ -286,11 +286,15 @@ def _auth(**keys: Any) -> dict[str, Any]:
           "username": "u", "password": "p"}, "auth.client_id",
          "required for client_auth private_key_jwt"),
         ({"client_auth": "signed_jwt"}, "auth.client_auth", "must be one of body, basic, client_secret_jwt"),
+        ({"client_auth": "body", "client_secret": "s3cret-xyz", "assertion_audience": "https://t.example/"},
+         "auth.assertion_audience", "only used with client_auth private_key_jwt or client_secret_jwt"),
+        ({"client_auth": "client_secret_jwt", "client_secret": HS_SECRET, "assertion_audience": "a b"},
+         "auth.assertion_audience", "without spaces"),
     ],
     ids=[
         "pkjwt-no-key", "missing-file", "unreadable", "garbage", "encrypted", "rsa-1024", "p-384", "alg-es-rsa",
         "alg-rs-ec", "alg-none", "csjwt-no-secret", "csjwt-short-secret", "csjwt-alg", "key-unused",
-        "kid-unused", "no-client-id", "unknown-method",
+        "kid-unused", "no-client-id", "unknown-method", "aud-unused", "aud-spaces",
     ],
 )  # fmt: skip
 def test_key_configuration_errors_name_the_key_and_never_the_content(keys, tmp_path, settings, key, words):
@@ -372,3 +376,15 @@ def test_signed_assertion_is_verifiable_and_short_lived(keys):
     }
     assert len(claims["jti"]) == 43  # 32 random bytes, base64url
     assert jwt.get_unverified_header(made) == {"alg": "RS256", "typ": "JWT"}
+
+
+def test_assertion_audience_replaces_the_token_endpoint(keys):
+    """auth.assertion_audience (Auth0 wants its tenant URL) becomes the aud claim; nothing else changes."""
+    from proxy.client_auth import ClientAuthenticator
+
+    mapping = _auth(client_auth="client_secret_jwt", client_secret=HS_SECRET, assertion_audience="https://t.example/")
+    authenticator = ClientAuthenticator(config_from_mapping(mapping).auth)
+    payload: dict[str, Any] = {}
+    made = authenticator.apply(payload, {}, "https://idp.example/token")
+    claims = jwt.decode(made, HS_SECRET.encode(), algorithms=["HS256"], audience="https://t.example/")
+    assert claims["iss"] == CLIENT_ID and payload["client_id"] == CLIENT_ID

@@ -18,8 +18,12 @@ Tokens are opaque random strings; :class:`KeyAuthAPI` accepts only the current o
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import select
+import socket
 import ssl
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -213,3 +217,62 @@ def server_context(ca: trustme.CA, *, require_client_cert: bool) -> ssl.SSLConte
         context.verify_mode = ssl.CERT_REQUIRED
         ca.configure_trust(context)
     return context
+
+
+class AlertingTLSServer:
+    """A TLS server on 127.0.0.1 that requires a client certificate and, refusing a handshake, sends the
+    TLS alert the way OpenSSL-, BoringSSL- and Java-based servers do (asyncio's server closes without it).
+    It answers nothing else: the tests use it to see what a refused client is told.
+
+    Runs on one thread with blocking sockets, every wait bounded; ``with`` starts and stops it."""
+
+    ACCEPT_POLL_S = 0.05
+    DRAIN_S = 2.0
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.context = server_context(ca, require_client_cert=True)
+        self.refused: list[str] = []  # the server side's reason for each refused handshake
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(self.ACCEPT_POLL_S)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = f"https://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __enter__(self) -> AlertingTLSServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(self.DRAIN_S)
+            tls = self.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            with tls:
+                try:
+                    tls.do_handshake()
+                    self.refused.append("")  # a handshake that worked: nothing to answer
+                except (ssl.SSLError, OSError) as exc:
+                    self.refused.append(getattr(exc, "reason", None) or type(exc).__name__)
+                    self._drain(tls.fileno())
+
+    def _drain(self, fd: int) -> None:
+        """Read what the client still sends (its request) until it closes, at most DRAIN_S: closing with
+        its bytes unread would reset the connection before the client has read the alert."""
+        deadline = time.monotonic() + self.DRAIN_S
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([fd], [], [], left)
+            try:
+                if readable and not os.read(fd, 65536):
+                    return
+            except OSError:
+                return
