@@ -219,3 +219,29 @@ def test_upstream_certificate_needs_an_https_upstream(pki):
     mapping["upstream"].update(url="http://127.0.0.1:9", client_key_file=pki["client_key"])
     with pytest.raises(ConfigError, match=r"upstream\.client_cert_file: only used with an https:// upstream"):
         config_from_mapping(mapping)
+
+
+def test_private_key_jwt_with_a_certificate_names_it_by_thumbprint(pki):
+    """private_key_jwt with auth.client_cert_file (Entra ID): the assertion header carries the certificate's
+    x5t (SHA-1) and x5t#S256 thumbprints, and the signature verifies with the certificate's public key."""
+    import base64
+    import hashlib
+
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.client_auth import ClientAuthenticator
+
+    mapping = _mapping(
+        {"client_auth": "private_key_jwt", "client_key_file": pki["client_key"], "client_cert_file": pki["client_cert"]}
+    )
+    authenticator = ClientAuthenticator(config_from_mapping(mapping).auth)
+    made = authenticator.apply({}, {}, "https://idp.example/token")
+    cert = x509.load_pem_x509_certificate(Path(pki["client_cert"]).read_bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()  # noqa: E731
+    header = jwt.get_unverified_header(made)
+    assert header["x5t"] == b64(hashlib.sha1(der).digest())
+    assert header["x5t#S256"] == b64(hashlib.sha256(der).digest())
+    jwt.decode(made, cert.public_key(), algorithms=[header["alg"]], audience="https://idp.example/token")
