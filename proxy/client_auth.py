@@ -36,6 +36,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .errors import ConfigError
+
 CLIENT_AUTH_METHODS = ("body", "basic", "client_secret_jwt", "private_key_jwt", "tls_client_auth")
 JWT_METHODS = ("client_secret_jwt", "private_key_jwt")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 §2.2
@@ -90,6 +92,8 @@ class KeyFileError(ValueError):
 def read_pem(path: str) -> bytes:
     """The bytes of a PEM file, read at most :data:`MAX_PEM_BYTES` deep."""
     try:
+        if not Path(path).is_file():  # a directory, a device, a FIFO (which would block the start for ever)
+            raise KeyFileError(f"{path!r} is not a regular file" if Path(path).exists() else f"no such file: {path!r}")
         with Path(path).open("rb") as file:
             data = file.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
@@ -150,10 +154,11 @@ def load_signing_key(path: str, alg: str) -> tuple[PrivateKey, str]:
 def certificate_thumbprints(cert_file: str) -> dict[str, str]:
     """The ``x5t`` (SHA-1) and ``x5t#S256`` headers of the first certificate in ``cert_file`` (RFC 7515
     §4.1.7-8): Entra ID picks the key of an assertion by them."""
+    data = read_pem(cert_file)
     try:
-        cert = x509.load_pem_x509_certificate(read_pem(cert_file))
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError:
-        raise KeyFileError(f"{cert_file!r} holds no PEM certificate that can be loaded") from None
+        raise KeyFileError(f"{cert_file!r} holds no PEM certificate that can be loaded", which="cert") from None
     der = cert.public_bytes(serialization.Encoding.DER)
     return {
         "x5t": _b64url(hashlib.sha1(der, usedforsecurity=False).digest()),
@@ -177,6 +182,11 @@ def load_cert_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> N
     """``context.load_cert_chain``, never prompting on the terminal for a key's password."""
     try:
         context.load_cert_chain(cert_file, key_file or None, password=_no_password)
+    except KeyFileError:  # from _no_password: the key is encrypted
+        raise KeyFileError(
+            f"{key_file or cert_file!r} holds an encrypted private key; give it unencrypted",
+            which="key" if key_file else "cert",
+        ) from None
     except ssl.SSLError as exc:
         reason = (exc.reason or "").upper()
         if "KEY_VALUES_MISMATCH" in reason:
@@ -193,7 +203,8 @@ def load_cert_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> N
 
 
 def _no_password() -> bytes:
-    raise KeyFileError("the private key is encrypted; give it unencrypted")
+    """OpenSSL asks for a password only for an encrypted key; without this it would ask on the terminal."""
+    raise KeyFileError("encrypted")
 
 
 def describe_tls_refusal(exc: BaseException, cert_key: str, presented: bool | None = None) -> str | None:
@@ -266,9 +277,15 @@ class ClientAuthenticator:
         if auth.client_key_id:
             headers["kid"] = auth.client_key_id
         if self.method == "private_key_jwt":
-            key, alg = load_signing_key(auth.client_key_file, auth.client_key_alg)
-            if auth.client_cert_file:
-                headers.update(certificate_thumbprints(auth.client_cert_file))
+            try:  # checked when the configuration was loaded; the file may have changed since
+                key, alg = load_signing_key(auth.client_key_file, auth.client_key_alg)
+                if auth.client_cert_file:
+                    headers.update(certificate_thumbprints(auth.client_cert_file))
+            except KeyFileError as exc:
+                which = "auth.client_cert_file" if exc.which == "cert" else "auth.client_key_file"
+                raise ConfigError(which, str(exc)) from None
+            except ValueError as exc:
+                raise ConfigError("auth.client_key_alg", str(exc)) from None
             self._signer = Signer(auth.client_id, key, alg, headers)
         elif self.method == "client_secret_jwt":
             self._signer = Signer(auth.client_id, auth.client_secret.encode(), auth.client_key_alg or "HS256", headers)

@@ -25,6 +25,7 @@ from .client_auth import (
     JWT_METHODS,
     MIN_HMAC_BYTES,
     KeyFileError,
+    certificate_thumbprints,
     check_client_cert,
     load_signing_key,
 )
@@ -641,6 +642,8 @@ def _validate_client_keys(upstream: dict[str, Any], auth: dict[str, Any], fail: 
             continue
         try:
             check_client_cert(table["client_cert_file"], table["client_key_file"])
+            if section == "auth" and method == "private_key_jwt":  # its thumbprints go into the assertions
+                certificate_thumbprints(table["client_cert_file"])
         except KeyFileError as exc:
             raise fail(section, "client_cert_file" if exc.which == "cert" else "client_key_file", str(exc)) from None
     if upstream["client_cert_file"] and not upstream["url"].startswith("https://"):

@@ -6,6 +6,7 @@ public key (or secret), its claims, and refuses a reused jti. Keys are made fres
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +180,41 @@ async def test_two_logins_never_share_a_jti_and_a_replay_is_refused(aiohttp_serv
     assert idp.refusals == ["jti already used (replay)"]
 
 
-async def test_assertions_are_made_with_the_clock_of_the_moment(aiohttp_server, keys):
-    """iat and exp come from the wall clock of each request (here a fake one): an assertion made an hour
-    late is not an hour stale."""
-    idp = KeyAuthIdP()
-    idp.add(Client(CLIENT_ID, "private_key_jwt", key=keys["rsa"].public_key(), algorithm="RS256"))
-    await _start(aiohttp_server, idp)
-    auth = _config(idp, "http://127.0.0.1:1", client_auth="private_key_jwt", client_key_file=keys["rsa_file"]).auth
-    now = [1_900_000_000.0]
-    async with aiohttp.ClientSession() as session:
-        provider = IdentityProvider(session, auth, InjectConfig(), wall_clock=lambda: now[0])
-        with pytest.raises(Exception, match="invalid_client"):  # the fake's clock is the real one
-            await provider.login()
-    assert "ExpiredSignatureError" in idp.refusals[0] or "ImmatureSignatureError" in idp.refusals[0]
+def test_each_assertion_is_made_at_its_request(keys):
+    """iat, nbf and exp come from the wall clock when each request is made, never from a cached assertion:
+    a refresh an hour after the login carries an assertion of that hour."""
+    from proxy.client_auth import ClientAuthenticator
+
+    now = [1_700_000_000.0]
+    auth = config_from_mapping(_auth(client_auth="private_key_jwt", client_key_file=keys["ec_file"])).auth
+    authenticator = ClientAuthenticator(auth, clock=lambda: now[0])
+    made = []
+    for _ in range(2):
+        made.append(authenticator.apply({}, {}, "https://idp.example/token"))
+        now[0] += 3600
+    options = {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
+    first, second = (
+        jwt.decode(
+            m, keys["ec"].public_key(), algorithms=["ES256"], audience="https://idp.example/token", options=options
+        )
+        for m in made
+    )
+    assert (first["iat"], first["exp"]) == (1_700_000_000, 1_700_000_060)
+    assert (second["iat"], second["nbf"], second["exp"]) == (1_700_003_600, 1_700_003_600, 1_700_003_660)
+    assert first["jti"] != second["jti"]
+
+
+def test_a_key_file_gone_after_the_config_was_read_is_a_config_error(keys, tmp_path):
+    """The key is loaded again when the proxy starts; gone by then, it is a ConfigError naming the key."""
+    from proxy.client_auth import ClientAuthenticator
+
+    path = tmp_path / "key.pem"
+    path.write_bytes(Path(keys["rsa_file"]).read_bytes())
+    auth = config_from_mapping(_auth(client_auth="private_key_jwt", client_key_file=str(path))).auth
+    path.unlink()
+    with pytest.raises(ConfigError) as caught:
+        ClientAuthenticator(auth)
+    assert caught.value.key == "auth.client_key_file" and "no such file" in caught.value.problem
 
 
 async def test_a_key_the_provider_does_not_know_is_rejected_naming_the_key_file(
@@ -258,8 +281,11 @@ def _auth(**keys: Any) -> dict[str, Any]:
     [
         ({"client_auth": "private_key_jwt"}, "auth.client_key_file", "required for client_auth private_key_jwt"),
         ({"client_auth": "private_key_jwt", "client_key_file": "/nonexistent/key.pem"}, "auth.client_key_file",
-         "cannot read '/nonexistent/key.pem' (No such file or directory)"),
-        ({"client_auth": "private_key_jwt", "client_key_file": "{dir}"}, "auth.client_key_file", "cannot read"),
+         "no such file: '/nonexistent/key.pem'"),
+        ({"client_auth": "private_key_jwt", "client_key_file": "{dir}"}, "auth.client_key_file",
+         "is not a regular file"),
+        ({"client_auth": "private_key_jwt", "client_key_file": "{fifo}"}, "auth.client_key_file",
+         "is not a regular file"),
         ({"client_auth": "private_key_jwt", "client_key_file": "{garbage_file}"}, "auth.client_key_file",
          "holds no PEM private key that can be loaded"),
         ({"client_auth": "private_key_jwt", "client_key_file": "{encrypted_file}"}, "auth.client_key_file",
@@ -292,14 +318,16 @@ def _auth(**keys: Any) -> dict[str, Any]:
          "auth.assertion_audience", "without spaces"),
     ],
     ids=[
-        "pkjwt-no-key", "missing-file", "unreadable", "garbage", "encrypted", "rsa-1024", "p-384", "alg-es-rsa",
+        "pkjwt-no-key", "missing-file", "directory", "fifo", "garbage", "encrypted", "rsa-1024", "p-384", "alg-es-rsa",
         "alg-rs-ec", "alg-none", "csjwt-no-secret", "csjwt-short-secret", "csjwt-alg", "key-unused",
         "kid-unused", "no-client-id", "unknown-method", "aud-unused", "aud-spaces",
     ],
 )  # fmt: skip
 def test_key_configuration_errors_name_the_key_and_never_the_content(keys, tmp_path, settings, key, words):
     """Each bad key setting is one ConfigError naming the key; a key file's content is never quoted."""
-    files = {name: value for name, value in keys.items() if name.endswith("_file")} | {"dir": str(tmp_path)}
+    os.mkfifo(tmp_path / "fifo")  # opening it would block until a writer came: it must never be opened
+    files = {name: value for name, value in keys.items() if name.endswith("_file")}
+    files |= {"dir": str(tmp_path), "fifo": str(tmp_path / "fifo")}
     resolved = {k: v.format(**files) if isinstance(v, str) else v for k, v in settings.items()}
     with pytest.raises(ConfigError) as caught:
         config_from_mapping(_auth(**resolved), source="test.toml")

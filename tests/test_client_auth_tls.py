@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from proxy.config import config_from_mapping
 from proxy.errors import ConfigError
@@ -38,6 +39,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         cert.private_key_and_cert_chain_pem.write_to_path(str(folder / f"{name}-combined.pem"))
         files[f"{name}_cert"], files[f"{name}_key"] = str(folder / f"{name}.crt"), str(folder / f"{name}.key")
         files[f"{name}_combined"] = str(folder / f"{name}-combined.pem")
+    # The client's key, encrypted: alone, and in one PEM with its certificate.
+    key = serialization.load_pem_private_key(Path(files["client_key"]).read_bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    )
+    (folder / "encrypted.key").write_bytes(encrypted)
+    (folder / "encrypted-combined.pem").write_bytes(Path(files["client_cert"]).read_bytes() + encrypted)
+    files["encrypted_key"], files["encrypted_combined"] = (
+        str(folder / "encrypted.key"),
+        str(folder / "encrypted-combined.pem"),
+    )
     return files
 
 
@@ -188,9 +200,13 @@ def _mapping(auth: dict[str, Any], upstream: dict[str, Any] | None = None) -> di
         ({"client_auth": "tls_client_auth", "client_cert_file": "{client_cert}", "client_key_file": "{stranger_key}"},
          {}, "auth.client_key_file", "does not belong to the certificate"),
         ({"client_auth": "tls_client_auth", "client_cert_file": "{missing}", "client_key_file": "{client_key}"},
-         {}, "auth.client_cert_file", "cannot read"),
+         {}, "auth.client_cert_file", "no such file"),
         ({"client_auth": "tls_client_auth", "client_cert_file": "{client_key}", "client_key_file": "{client_key}"},
          {}, "auth.client_cert_file", "holds no PEM certificate"),
+        ({"client_auth": "tls_client_auth", "client_cert_file": "{encrypted_combined}"}, {}, "auth.client_cert_file",
+         "holds an encrypted private key"),
+        ({"client_auth": "tls_client_auth", "client_cert_file": "{client_cert}", "client_key_file": "{encrypted_key}"},
+         {}, "auth.client_key_file", "holds an encrypted private key"),
         ({"client_secret": "s3cret-xyz"}, {"client_key_file": "{client_key}"}, "upstream.client_cert_file",
          "required with upstream.client_key_file"),
         ({"client_secret": "s3cret-xyz"}, {"client_cert_file": "{client_cert}"}, "upstream.client_cert_file",
@@ -198,7 +214,8 @@ def _mapping(auth: dict[str, Any], upstream: dict[str, Any] | None = None) -> di
         ({"client_secret": "s3cret-xyz"}, {"client_cert_file": "{client_cert}", "client_key_file": "{stranger_key}"},
          "upstream.client_key_file", "does not belong to the certificate"),
     ],
-    ids=["no-cert", "cert-without-key", "key-mismatch", "missing-cert", "key-as-cert", "up-key-no-cert",
+    ids=["no-cert", "cert-without-key", "key-mismatch", "missing-cert", "key-as-cert", "encrypted-combined",
+         "encrypted-key", "up-key-no-cert",
          "up-cert-without-key", "up-key-mismatch"],
 )  # fmt: skip
 def test_certificate_configuration_errors_name_the_key(pki, tmp_path, auth, upstream, key, words):
