@@ -21,6 +21,7 @@ from tests.fakes.servers import start_proxy
 
 CLIENT_ID = "svc-mtls"
 CLIENT_CN = "svc-mtls.clients.example"
+API_CN = "svc-mtls.api-clients.example"  # the certificate for the upstream: another one than the IdP's
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     files: dict[str, Any] = {"ca": ca}
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     files["ca_file"] = str(folder / "ca.pem")
-    for name, issuer in (("client", ca), ("stranger", stranger)):
-        cert = issuer.issue_cert(CLIENT_CN, common_name=CLIENT_CN)
+    for name, issuer, cn in (("client", ca, CLIENT_CN), ("stranger", stranger, CLIENT_CN), ("api", ca, API_CN)):
+        cert = issuer.issue_cert(cn, common_name=cn)
         cert.cert_chain_pems[0].write_to_path(str(folder / f"{name}.crt"))
         cert.private_key_pem.write_to_path(str(folder / f"{name}.key"))
         cert.private_key_and_cert_chain_pem.write_to_path(str(folder / f"{name}-combined.pem"))
@@ -141,20 +142,22 @@ async def test_a_certificate_the_token_endpoint_does_not_trust_is_a_clear_failur
 
 
 async def test_upstream_mutual_tls(aiohttp_server, aiohttp_client, pki):
-    """An API that requires a client certificate gets upstream.client_cert_file."""
-    idp, api, api_url = await _stack(aiohttp_server, pki, api_cn=CLIENT_CN)
+    """An API that requires a client certificate gets upstream.client_cert_file (and the token endpoint
+    its own, auth.client_cert_file: each side presents the certificate configured for it)."""
+    idp, api, api_url = await _stack(aiohttp_server, pki, api_cn=API_CN)
     auth = {
         "client_auth": "tls_client_auth",
         "client_cert_file": pki["client_cert"],
         "client_key_file": pki["client_key"],
     }
     config = _config(
-        idp.token_url(), api_url, pki, auth, client_cert_file=pki["client_cert"], client_key_file=pki["client_key"]
+        idp.token_url(), api_url, pki, auth, client_cert_file=pki["api_cert"], client_key_file=pki["api_key"]
     )
     client = await start_proxy(aiohttp_client, config)
     resp = await client.get("/v1/data")
     assert resp.status == 200, await resp.text()
     assert api.hits == 1
+    assert idp.refusals == []
 
 
 async def test_upstream_without_the_certificate_it_requires_is_a_clear_502(aiohttp_server, aiohttp_client, pki):
@@ -262,3 +265,18 @@ def test_private_key_jwt_with_a_certificate_names_it_by_thumbprint(pki):
     assert header["x5t"] == b64(hashlib.sha1(der).digest())
     assert header["x5t#S256"] == b64(hashlib.sha256(der).digest())
     jwt.decode(made, cert.public_key(), algorithms=[header["alg"]], audience="https://idp.example/token")
+
+
+async def test_check_presents_the_client_certificate(aiohttp_server, pki, capsys):
+    """`--check` logs in over the same mutual TLS as the proxy: tls_client_auth works there too."""
+    from proxy import cli
+
+    idp, _, api_url = await _stack(aiohttp_server, pki)
+    auth = {
+        "client_auth": "tls_client_auth",
+        "client_cert_file": pki["client_cert"],
+        "client_key_file": pki["client_key"],
+    }
+    assert await cli.check(_config(idp.token_url(), api_url, pki, auth)) == 0
+    assert capsys.readouterr().out.startswith("ok: logged in to oauth2")
+    assert idp.refusals == [] and len(idp.requests) == 1
