@@ -25,9 +25,9 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import jwt
@@ -38,18 +38,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:  # config.py imports this module to validate keys
+    from .config import AuthConfig
+
 CLIENT_AUTH_METHODS = ("body", "basic", "client_secret_jwt", "private_key_jwt", "tls_client_auth")
 JWT_METHODS = ("client_secret_jwt", "private_key_jwt")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 §2.2
 # Long enough for a slow network and a clock a little behind, short enough that a captured assertion is
-# useless soon (Keycloak, Okta and Entra ID accept any exp; Okta refuses one more than an hour away).
+# useless soon: Auth0 recommends a minute and accepts at most five; Okta refuses an exp over an hour away.
 ASSERTION_LIFETIME_S = 60
 # A jti of 256 random bits: never repeated, so a provider's replay check never refuses one of ours.
 JTI_BYTES = 32
 # Which algorithms each key type can sign with; the first is the default (RFC 7518 §3.1).
 RSA_ALGORITHMS = ("RS256", "PS256")
 EC_ALGORITHMS = {"secp256r1": ("ES256",)}  # RFC 7518 §3.4: ES256 is P-256 with SHA-256, nothing else
-HMAC_ALGORITHMS = ("HS256",)
 # RFC 7518 §3.3: "A key of size 2048 bits or larger MUST be used"; §3.2: an HS256 key of at least 256 bits.
 MIN_RSA_BITS = 2048
 MIN_HMAC_BYTES = 32
@@ -243,7 +245,7 @@ class Signer:
     """Makes client assertions for one client: ``key`` (a private key, or the secret's bytes for HS256)."""
 
     client_id: str
-    key: Any
+    key: Any = field(repr=False)  # for client_secret_jwt, the secret itself
     algorithm: str
     headers: dict[str, str]
 
@@ -266,7 +268,7 @@ class ClientAuthenticator:
 
     Built from ``[auth]`` (already validated: the key loads, the algorithm fits)."""
 
-    def __init__(self, auth: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, auth: AuthConfig, clock: Callable[[], float] = time.time) -> None:
         self.method: str = auth.client_auth
         self._client_id: str = auth.client_id
         self._secret: str = auth.client_secret

@@ -416,3 +416,30 @@ def test_assertion_audience_replaces_the_token_endpoint(keys):
     made = authenticator.apply(payload, {}, "https://idp.example/token")
     claims = jwt.decode(made, HS_SECRET.encode(), algorithms=["HS256"], audience="https://t.example/")
     assert claims["iss"] == CLIENT_ID and payload["client_id"] == CLIENT_ID
+
+
+async def test_an_assertion_echoed_by_the_provider_is_never_shown(aiohttp_server, aiohttp_client, keys, caplog):
+    """A provider that quotes the assertion in its refusal: /-/ready, the 503 and the log show it masked."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def token(request: web.Request) -> web.Response:
+        assertion = (await request.post())["client_assertion"]
+        seen.append(str(assertion))
+        return web.json_response({"error": "invalid_client", "error_description": f"bad: {assertion}"}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    idp_url = await start_app(aiohttp_server, app)
+    idp = KeyAuthIdP(base_url=idp_url)
+    config = _config(idp, "http://127.0.0.1:9", client_auth="private_key_jwt", client_key_file=keys["rsa_file"])
+    client = await start_proxy(aiohttp_client, config)
+    body = await (await client.get("/v1/x")).text()  # waits for the first login, refused
+    detail = (await (await client.get("/-/ready")).json())["detail"]
+    status = await (await client.get("/-/status")).text()
+    await client.close()
+    assert seen and "invalid_client" in detail
+    for text in (detail, body, status, _logged(caplog)):
+        assert not any(assertion in text for assertion in seen)
+        assert not any(assertion.split(".")[2] in text for assertion in seen)  # nor its signature
