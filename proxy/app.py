@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .access import Guard
+from .client_auth import tls_context
 from .config import Config
 from .errors import SidecarError
 from .forward import Forwarder, error_response
@@ -39,12 +40,24 @@ IDP_POOL_SIZE = 4
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def ssl_context(ca_file: str) -> ssl.SSLContext:
-    """The system trust store plus ``ca_file``; verification is always on."""
-    context = ssl.create_default_context()
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    return context
+def ssl_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    """The system trust store plus ``ca_file``; verification is always on. With ``cert_file``, a client
+    certificate for servers that ask for one (mutual TLS)."""
+    return tls_context(ca_file, cert_file, key_file)
+
+
+def idp_ssl_context(config: Config) -> ssl.SSLContext:
+    """For the identity provider: ``auth.client_cert_file`` is presented (tls_client_auth, RFC 8705)."""
+    auth = config.auth
+    return ssl_context(
+        config.upstream.ca_file, auth.client_cert_file, auth.client_key_file if auth.client_cert_file else ""
+    )
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """For the upstream pool: ``upstream.client_cert_file`` is presented to an API that wants mutual TLS."""
+    upstream = config.upstream
+    return ssl_context(upstream.ca_file, upstream.client_cert_file, upstream.client_key_file)
 
 
 def make_app(config: Config, **manager_options: Any) -> web.Application:
@@ -75,17 +88,16 @@ def make_app(config: Config, **manager_options: Any) -> web.Application:
 def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def clients(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
-        context = ssl_context(config.upstream.ca_file)
         upstream = Pool(
             config.upstream.url,
             limit=config.upstream.pool_size,
             connect_timeout_s=config.upstream.connect_timeout_s,
             timeout_s=config.upstream.timeout_s,
-            ssl_context=context,
+            ssl_context=upstream_ssl_context(config),
             proxy=config.egress("upstream").for_url(config.upstream.url),
         )
         idp_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=IDP_POOL_SIZE, ssl=context),
+            connector=aiohttp.TCPConnector(limit=IDP_POOL_SIZE, ssl=idp_ssl_context(config)),
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,  # the proxy is chosen per request by proxy/egress.py (auth.proxy_url, HTTPS_PROXY)
         )

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import GUARD, METRICS, SECRETS, TOKENS, log_startup, make_app, ssl_context
+from .app import GUARD, METRICS, SECRETS, TOKENS, idp_ssl_context, log_startup, make_app
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
@@ -266,7 +266,7 @@ def _warn_if_exposed(config: Config) -> None:
 async def check(config: Config) -> int:
     """Log in once and print who we are and until when; never the token."""
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=ssl_context(config.upstream.ca_file)),
+        connector=aiohttp.TCPConnector(ssl=idp_ssl_context(config)),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     async with session:

@@ -21,6 +21,15 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from .client_auth import (
+    CLIENT_AUTH_METHODS,
+    JWT_METHODS,
+    MIN_HMAC_BYTES,
+    KeyFileError,
+    certificate_thumbprints,
+    check_client_cert,
+    load_signing_key,
+)
 from .egress import NO_PROXY_VARIABLES, Egress, EgressError, credential_strings, proxy_environment
 from .errors import ConfigError
 from .providers import PRESETS, Preset
@@ -78,6 +87,9 @@ class UpstreamConfig:
     replay_limit_bytes: int = 65536
     # None: from HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "": direct; else http://[user:password@]host:port (proxy/egress.py).
     proxy_url: str | None = field(default=None, repr=False, metadata=UNSET_STRING)
+    # Mutual TLS to the upstream: a client certificate (PEM) and its key, offered when the API asks for one.
+    client_cert_file: str = ""
+    client_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,13 @@ class AuthConfig:
     redirect_uri: str = ""
     scope: str = ""
     body: str = "form"
+    # proxy/client_auth.py: body | basic | client_secret_jwt | private_key_jwt | tls_client_auth
     client_auth: str = "body"
+    client_key_file: str = ""  # PEM private key: signs private_key_jwt assertions; the TLS key of client_cert_file
+    client_key_alg: str = ""  # RS256 | PS256 | ES256 (HS256 for client_secret_jwt); "": from the key type
+    client_key_id: str = ""  # the assertion's kid header
+    assertion_audience: str = ""  # the assertion's aud; "": the token endpoint (Auth0 wants its tenant URL)
+    client_cert_file: str = ""  # PEM client certificate for the token endpoint (tls_client_auth; x5t in assertions)
     refresh_margin_s: float = 60.0
     default_lifetime_s: float = 36000.0
     revoke_on_shutdown: bool = False
@@ -604,8 +622,10 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
         raise fail("auth", "grant_type", f"must be one of {', '.join(GRANT_TYPES)}, got {grant!r}")
     if auth["body"] not in ("form", "json"):
         raise fail("auth", "body", f"must be form or json, got {auth['body']!r}")
-    if auth["client_auth"] not in ("body", "basic"):
-        raise fail("auth", "client_auth", f"must be body or basic, got {auth['client_auth']!r}")
+    if auth["client_auth"] not in CLIENT_AUTH_METHODS:
+        raise fail(
+            "auth", "client_auth", f"must be one of {', '.join(CLIENT_AUTH_METHODS)}, got {auth['client_auth']!r}"
+        )
     for key in ("token_url", "issuer", "revoke_url", "logout_url"):
         if auth[key] and (problem := check_url(auth[key])):
             raise fail("auth", key, problem)
@@ -638,6 +658,8 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
         "refresh_token": ("refresh_token",),
         "authorization_code": ("code",),
     }[grant]
+    if auth["client_auth"] in ("private_key_jwt", "tls_client_auth"):  # the client proves itself by key
+        needs = tuple(key for key in needs if key != "client_secret")
     if preset.auth_string:
         needs = (*needs, "username", "password")
     for key in (*needs, *preset.required):
@@ -649,6 +671,8 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
             if (("auth", key)) in SECRET_KEYS:
                 problem += f" (or {key}_file, or OAUTH_SIDECAR_AUTH_{key.upper()}[_FILE])"
             raise fail("auth", key, problem)
+
+    _validate_client_keys(upstream, auth, fail)
 
     if "{token}" not in inject["value"]:
         raise fail("inject", "value", "must contain {token}")
@@ -726,6 +750,61 @@ def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> N
             f"cannot be combined with store.kind = {kind!r}: ending the session at shutdown would end it for "
             "every process sharing the store",
         )
+
+
+def _validate_client_keys(upstream: dict[str, Any], auth: dict[str, Any], fail: Any) -> None:
+    """Client authentication by key (proxy/client_auth.py): every key and certificate loads now, so a bad
+    one stops the start (exit 2) instead of failing each login. Messages name files, never their content."""
+    method = auth["client_auth"]
+    if method in (*JWT_METHODS, "tls_client_auth") and not auth["client_id"]:
+        raise fail("auth", "client_id", f"required for client_auth {method}")
+    if method == "client_secret_jwt":
+        if not auth["client_secret"]:
+            raise fail("auth", "client_secret", "required for client_auth client_secret_jwt (it signs the assertion)")
+        if len(auth["client_secret"].encode()) < MIN_HMAC_BYTES:
+            raise fail(
+                "auth", "client_secret", f"must be at least {MIN_HMAC_BYTES} bytes to sign HS256 (RFC 7518 §3.2)"
+            )
+        if auth["client_key_alg"] not in ("", "HS256"):
+            raise fail("auth", "client_key_alg", f"client_secret_jwt signs HS256, got {auth['client_key_alg']!r}")
+    if any(not c.isprintable() or c.isspace() for c in auth["assertion_audience"]):
+        raise fail("auth", "assertion_audience", "must be a URL or identifier without spaces or control characters")
+    if method == "private_key_jwt" and not auth["client_key_file"]:
+        raise fail(
+            "auth", "client_key_file", "required for client_auth private_key_jwt: the PEM private key that signs"
+        )
+    if method == "tls_client_auth" and not auth["client_cert_file"]:
+        raise fail("auth", "client_cert_file", "required for client_auth tls_client_auth: the PEM client certificate")
+    if method not in JWT_METHODS:
+        for key in ("client_key_alg", "client_key_id", "assertion_audience"):
+            if auth[key]:
+                raise fail("auth", key, "only used with client_auth private_key_jwt or client_secret_jwt")
+    if auth["client_key_file"] and method != "private_key_jwt" and not auth["client_cert_file"]:
+        raise fail(
+            "auth", "client_key_file", "only used with client_auth private_key_jwt or with auth.client_cert_file"
+        )
+    if method == "private_key_jwt":
+        try:
+            load_signing_key(auth["client_key_file"], auth["client_key_alg"])
+        except KeyFileError as exc:
+            raise fail("auth", "client_key_file", str(exc)) from None
+        except ValueError as exc:
+            raise fail("auth", "client_key_alg", str(exc)) from None
+    for section, table in (("auth", auth), ("upstream", upstream)):
+        if table["client_key_file"] and not table["client_cert_file"] and section == "upstream":
+            raise fail(
+                section, "client_cert_file", "required with upstream.client_key_file: the certificate to present"
+            )
+        if not table["client_cert_file"]:
+            continue
+        try:
+            check_client_cert(table["client_cert_file"], table["client_key_file"])
+            if section == "auth" and method == "private_key_jwt":  # its thumbprints go into the assertions
+                certificate_thumbprints(table["client_cert_file"])
+        except KeyFileError as exc:
+            raise fail(section, "client_cert_file" if exc.which == "cert" else "client_key_file", str(exc)) from None
+    if upstream["client_cert_file"] and not upstream["url"].startswith("https://"):
+        raise fail("upstream", "client_cert_file", "only used with an https:// upstream.url")
 
 
 def _check_strings(table: dict[str, Any], section: str, key: str, fail: Any) -> None:

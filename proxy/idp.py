@@ -27,11 +27,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import jwt
 
+from .client_auth import ClientAuthenticator, describe_tls_refusal
 from .config import SECRET_KEYS, AuthConfig, InjectConfig, check_url
 from .egress import Egress, EgressError, EgressProxy, refusal
 from .errors import TokenRejected, TokenUnavailable
@@ -117,6 +118,7 @@ class IdentityProvider:
         self._clock = clock
         self._wall = wall_clock
         self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
+        self._client_auth = ClientAuthenticator(auth, clock=wall_clock)
         self.grant_type = auth.grant_type
         preset = PRESETS.get(auth.provider)
         # Keycloak's logout endpoint (POST refresh_token, 204) only for the presets that speak Keycloak, or
@@ -208,7 +210,11 @@ class IdentityProvider:
         """The [auth] keys a refusal with OAuth ``error`` points at: only those the configured grant uses."""
         a = self._auth
         client = ["auth.client_id"]
-        if a.client_secret or a.grant_type == "client_credentials":
+        if a.client_auth == "private_key_jwt":  # the provider may not have (or no longer have) the public key
+            client += ["auth.client_key_file"] + (["auth.client_key_id"] if a.client_key_id else [])
+        elif a.client_auth == "tls_client_auth":
+            client += ["auth.client_cert_file"]
+        elif a.client_secret or a.grant_type == "client_credentials":
             client.append("auth.client_secret")
         if error.startswith("http_"):  # not an OAuth answer: the URL, not the credentials
             return ("auth.token_url" if a.token_url else "auth.issuer",)
@@ -329,14 +335,10 @@ class IdentityProvider:
         a = self._auth
         payload: dict[str, Any] = dict(fields)
         headers = {"Accept": "application/json"}
-        if a.client_auth == "basic" and a.client_secret:
-            pair = f"{quote(a.client_id, safe='')}:{quote(a.client_secret, safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        else:
-            if a.client_id:
-                payload["client_id"] = a.client_id
-            if a.client_secret:
-                payload["client_secret"] = a.client_secret
+        # A signed assertion is made for this request alone, addressed to the token endpoint whatever the
+        # URL (OpenID Connect Core §9); it is a credential for its minute, so it is redacted like one.
+        audience = self._endpoints.token if self._endpoints is not None else url
+        redact.add([self._client_auth.apply(payload, headers, audience)])
         for key, value in a.extra.items():
             payload.setdefault(key, value)
         body_kind = "form" if form_only else a.body
@@ -363,7 +365,8 @@ class IdentityProvider:
             raise TokenUnavailable(f"token endpoint did not answer within {a.timeout_s:g}s", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenUnavailable(
-                f"token endpoint unreachable ({_describe_transport(exc, proxy)})", reason="unreachable"
+                f"token endpoint unreachable ({_describe_transport(exc, proxy, a.client_cert_file)})",
+                reason="unreachable",
             ) from exc
         if not whole and status < 300:
             raise TokenUnavailable(
@@ -658,7 +661,7 @@ def _error_from_response(
     return TokenRejected(error, description, status)
 
 
-def _describe_transport(exc: BaseException, proxy: EgressProxy | None = None) -> str:
+def _describe_transport(exc: BaseException, proxy: EgressProxy | None = None, cert_file: str = "") -> str:
     if proxy is not None:
         if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's answer to CONNECT: its status only
             return refusal(proxy, exc.status, "the token endpoint")
@@ -668,6 +671,8 @@ def _describe_transport(exc: BaseException, proxy: EgressProxy | None = None) ->
             )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "TLS certificate verification failed"
+    if tls_refusal := describe_tls_refusal(exc, "auth.client_cert_file", presented=bool(cert_file)):
+        return tls_refusal
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, asyncio.TimeoutError):

@@ -49,6 +49,7 @@ from typing import Protocol
 import httptools
 from yarl import URL
 
+from .client_auth import describe_tls_refusal
 from .egress import EgressProxy, refusal
 from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
 from .wire import (
@@ -948,6 +949,10 @@ def _idle_limit(keep_alive: bytes) -> float:
 
 
 def _describe(exc: BaseException) -> str:
+    if tls_refusal := describe_tls_refusal(exc, "upstream.client_cert_file"):
+        return tls_refusal
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the OS's ("Operation not permitted")
+        return (exc.reason or str(exc))[:200]
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" hides the reason
     text = str(exc)
