@@ -341,12 +341,14 @@ class RedisBackend:
             options["ssl_ca_certs"] = config.ca_file
         self._pubsub_ok = config.mode != "cluster"
         self._client: Any
+        self._sentinel: Any = None
         if config.mode == "sentinel":
             from redis.asyncio.sentinel import Sentinel
 
             hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379) for h in config.sentinels]
             service = config.url.split("://", 1)[1].split("/", 1)[0] or "mymaster"
-            self._client = Sentinel(hosts, **options).master_for(service)
+            self._sentinel = Sentinel(hosts, **options)
+            self._client = self._sentinel.master_for(service)
         elif config.mode == "cluster":
             from redis.asyncio.cluster import RedisCluster
 
@@ -394,6 +396,9 @@ class RedisBackend:
                 await self._listener
         with contextlib.suppress(Exception):
             await self._client.aclose()
+        for sentinel in self._sentinel.sentinels if self._sentinel is not None else ():
+            with contextlib.suppress(Exception):
+                await sentinel.aclose()
 
     async def _call(self, awaitable: Any) -> Any:
         try:

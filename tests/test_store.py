@@ -14,7 +14,7 @@ import pytest
 from proxy.config import AuthConfig, StoreConfig, config_from_mapping
 from proxy.errors import ConfigError
 from proxy.store import Entry, FileBackend, RedisBackend, Sealer, SharedStore, StoreUnavailable, config_digest
-from tests.fakes.redis_server import RedisServer
+from tests.fakes.redis_server import RedisSentinel, RedisServer
 
 KEY = "store-key-for-tests-0123456789-abcdefgh"
 ACCESS = "eyJhbGciOiJSUzI1NiJ9.access-TOKEN-bytes-7f3a.sig"
@@ -41,7 +41,8 @@ def file_store(path: Path, **options: object) -> SharedStore:
 
 
 def redis_store(server: RedisServer, lease_s: float = 5.0, **config: object) -> SharedStore:
-    store_config = StoreConfig(kind="redis", url=server.url, key=KEY, **config)  # type: ignore[arg-type]
+    config.setdefault("url", server.url)
+    store_config = StoreConfig(kind="redis", key=KEY, **config)  # type: ignore[arg-type]
     return SharedStore(RedisBackend(store_config, DIGEST), Sealer(KEY, DIGEST), lease_s=lease_s)
 
 
@@ -335,3 +336,20 @@ async def test_redis_down_is_unavailable_logged_once_then_available_again(tmp_pa
     assert [r for r in caplog.records if "store.available" in r.getMessage()]
     await store.close()
     server.stop()
+
+
+async def test_redis_through_sentinel(redis_server, tmp_path):
+    """mode = "sentinel": the master is found through the sentinel by its name (url = redis://NAME)."""
+    sentinel = RedisSentinel(tmp_path, redis_server).start()
+    try:
+        store = redis_store(
+            redis_server, url="redis://mymaster", mode="sentinel", sentinels=(f"127.0.0.1:{sentinel.port}",)
+        )
+        assert await store.lease() and await store.write(entry(), 0) is not None
+        direct = redis_store(redis_server)
+        read = await direct.read()  # it landed on the master
+        assert read is not None and read.access_token == ACCESS
+        await store.close()
+        await direct.close()
+    finally:
+        sentinel.stop()

@@ -103,3 +103,32 @@ class RedisServer:
                 out += bytes(client.get(key) or b"") + b"\n"
         client.close()
         return out
+
+
+class RedisSentinel(RedisServer):
+    """A ``redis-server --sentinel`` watching ``master`` under the name ``mymaster`` (quorum 1)."""
+
+    def __init__(self, workdir: Path, master: RedisServer) -> None:
+        super().__init__(workdir)
+        self.master = master
+
+    def start(self) -> RedisSentinel:
+        conf = self.workdir / f"sentinel-{self.port}.conf"  # sentinel rewrites its config file: one of its own
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n"
+        )
+        self.proc = subprocess.Popen(
+            [self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"SENTINEL get-master-addr-by-name mymaster\r\n")
+                    if str(self.master.port).encode() in sock.recv(256):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise AssertionError("redis sentinel did not start")
