@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Linux's CLOCK_BOOTTIME and macOS's CLOCK_MONOTONIC count the time the machine was asleep; Python's
 # time.monotonic() does not (CLOCK_MONOTONIC on Linux, mach_absolute_time on macOS). Elsewhere, monotonic.
@@ -387,6 +388,16 @@ def login_wait(lc: Lifecycle, now: float) -> float:
     return max(0.0, lc.login_ended_at + MIN_LOGIN_INTERVAL_S - now)
 
 
+# A token is held again (granted, or adopted from the fleet): every failure streak ends.
+_STREAKS_ENDED: dict[str, Any] = {
+    "last_attempt": "",
+    "transient_failures": 0,
+    "rejections": 0,
+    "failing_since": None,
+    "retry_at": 0.0,
+}
+
+
 def on_started(lc: Lifecycle, event: Event) -> Lifecycle:
     """A renewal (``Event.LOGIN`` or ``Event.REFRESH``) begins."""
     return replace(lc, phase=transition(lc.phase, event))
@@ -416,11 +427,7 @@ def on_granted(
         # Every refresh token held descends from the configured one: any rotation leaves it behind.
         configured_refresh_spent=lc.configured_refresh_spent
         or (lc.grant_type == "refresh_token" and token.refresh_rotated),
-        last_attempt="",
-        transient_failures=0,
-        rejections=0,
-        failing_since=None,
-        retry_at=0.0,
+        **_STREAKS_ENDED,
         login_ended_at=now if kind == "login" else lc.login_ended_at,
     )
     return new, replaced
@@ -596,11 +603,7 @@ def on_adopted(lc: Lifecycle, token: Token, *, login_spent: bool = False) -> Lif
         refresh_refused=False,
         code_spent=lc.code_spent or (spent and lc.grant_type == "authorization_code"),
         configured_refresh_spent=lc.configured_refresh_spent or (spent and lc.grant_type == "refresh_token"),
-        last_attempt="",
-        transient_failures=0,
-        rejections=0,
-        failing_since=None,
-        retry_at=0.0,
+        **_STREAKS_ENDED,
     )
 
 
