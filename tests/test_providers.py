@@ -1,4 +1,4 @@
-"""Every token API in the seeds, spoken through its preset against a fake of that vendor's dialect.
+"""Every token API the vendors document, spoken through its preset against a fake of that vendor's dialect.
 
 Each preset: the sidecar logs in (the fake saw the right content type, field names and client
 authentication), forwards with the right header, refreshes, and recovers from a rejected refresh.
@@ -84,7 +84,7 @@ async def test_we360_logs_in_forwards_refreshes_and_recovers(aiohttp_server, aio
         realm="ind-prod",
         users={WE360_USER: WE360_PASSWORD},
         clients={WE360_CUSTOMER: None},
-        send_expires_in=False,  # seed 000's sample response has no expires_in: the JWT exp decides
+        send_expires_in=False,  # we360's Login API sample response has no expires_in: the JWT exp decides
     )
     api, api_url = await start_api(aiohttp_server, idp)
     client = await _proxy(
@@ -118,7 +118,7 @@ async def test_we360_logs_in_forwards_refreshes_and_recovers(aiohttp_server, aio
     }
 
     idp.revoke_all_access()
-    idp.revoke_all_refresh()  # the refresh is refused: seed 000 says call the Login API again
+    idp.revoke_all_refresh()  # the refresh is refused: we360 says "Call the Login API again"
     assert (await client.get("/v1/hello")).status == 200
     assert [r["grant_type"] for r in idp.requests] == ["password", "refresh_token", "refresh_token", "password"]
     assert api.rejected == ["unknown", "unknown"]  # the two 401s that triggered renewals; clients saw 200s

@@ -1,13 +1,14 @@
-"""Fake token endpoints in the dialects of the seeds, as small aiohttp apps with hit counters, for loopback.
+"""Fake token endpoints in the dialects the vendors document, as small aiohttp apps with hit counters, for loopback.
 
-* :class:`FakeWebCommander` (seed 002): ``POST /api/v4/oauth2/token``, JSON only, ``grant_type``
-  ``client_credentials`` with ``auth_string`` = base64(``username:password``), ``redirect_uri``,
+* :class:`FakeWebCommander` ("WebCommander API Authentication"): ``POST /api/v4/oauth2/token``, JSON only,
+  ``grant_type`` ``client_credentials`` with ``auth_string`` = base64(``username:password``), ``redirect_uri``,
   ``client_id``, ``client_secret``; answers ``access_token``, ``expires_in`` 3600 and a ``refresh_token``.
   Refresh is undocumented, so by default a ``refresh_token`` grant gets 400 ``unsupported_grant_type``.
   The same app is the store's API, which wants the token in an ``access_token`` header (the docs' example).
-* :class:`FakeOAuth2` (seed 004, RFC 6749): form or JSON bodies; client authentication in the body or
-  with HTTP Basic (never both); grants ``password``, ``client_credentials`` (with a refresh token, as seed
-  004 says of every grant but implicit; ``client_credentials_refresh=False`` for RFC 6749 §4.4.3's none),
+* :class:`FakeOAuth2` (a generic provider's OAuth 2.0 guide, and RFC 6749): form or JSON bodies; client
+  authentication in the body or with HTTP Basic (never both); grants ``password``, ``client_credentials``
+  (with a refresh token, as the guide's Option 5 says of every grant but implicit;
+  ``client_credentials_refresh=False`` for RFC 6749 §4.4.3's none),
   ``refresh_token`` (rotating: the presented refresh token dies) and ``authorization_code`` (a code works
   once; a second use revokes what it issued, RFC 6749 §4.1.2). Its API wants ``Authorization: Bearer``.
 
@@ -188,7 +189,7 @@ class FakeTokenServer:
 
 
 class FakeWebCommander(FakeTokenServer):
-    """A WebCommander store: its token endpoint (seed 002) and an API behind the ``access_token`` header."""
+    """A WebCommander store: its token endpoint and an API behind the ``access_token`` header."""
 
     token_path = "/api/v4/oauth2/token"
 
@@ -241,7 +242,7 @@ class FakeWebCommander(FakeTokenServer):
 
 
 class FakeOAuth2(FakeTokenServer):
-    """A generic RFC 6749 token endpoint (seed 004)."""
+    """A generic RFC 6749 token endpoint (the generic OAuth 2.0 guide: Options 1 to 5, one per grant)."""
 
     token_path = "/oauth/token"
 
@@ -302,7 +303,8 @@ class FakeOAuth2(FakeTokenServer):
         if grant == "client_credentials":
             if expected is None:
                 return _error(400, "unauthorized_client", "public clients cannot use client_credentials")
-            # Seed 004 line 57: every grant but implicit comes with a refresh token (RFC 6749 §4.4.3: SHOULD NOT).
+            # The guide's Option 5: "For all work flows, except implicit (option 2), the access token will come with
+            # a refresh token" (RFC 6749 §4.4.3: SHOULD NOT).
             return self._respond(self._issue(client_id, with_refresh=self.client_credentials_refresh))
         if grant == "refresh_token":
             presented = f.get("refresh_token", "")
