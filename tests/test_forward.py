@@ -250,6 +250,7 @@ async def test_upstream_base_path_is_kept(aiohttp_server, aiohttp_client):
     assert seen == ["/api/v1/x?y=1"]
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_upstream_401_renews_once_and_retries(aiohttp_server, aiohttp_client):
     """When the upstream stops accepting the token, the proxy logs in again and the client sees 200."""
     idp, _api, client = await _proxy_to_echo(aiohttp_server, aiohttp_client)
@@ -840,6 +841,7 @@ async def test_an_unasked_101_is_a_502_with_its_reason(aiohttp_server, aiohttp_c
 SETTLE_S = 3.0  # the longest wait for the proxy to hold a token or a connection
 
 
+@pytest.mark.slow(reason="about 1.7 s: a 1 s token expires on real time during a 1.6 s upload")
 async def test_slow_replayable_upload_goes_upstream_with_a_live_token(aiohttp_server, aiohttp_client):
     """A small (replayable) body that takes longer to arrive than the token has left is sent with a live token:
     the token is taken once the body is read, not when the head arrived (the API never sees an expired one)."""
@@ -877,6 +879,7 @@ async def _hold_the_only_connection(client: Any) -> asyncio.Task[Any]:
     return holder
 
 
+@pytest.mark.slow(reason="about 1.7 s: a 1 s token expires on real time while an upload waits for the pool")
 async def test_upload_queued_for_a_busy_pool_leaves_with_a_live_token(aiohttp_server, aiohttp_client):
     """A large (not replayable) upload that waits longer for an upstream connection than its token has left is
     sent with the token renewed meanwhile: 200, not the upstream's 401 for a token that expired in the queue."""
@@ -894,6 +897,7 @@ async def test_upload_queued_for_a_busy_pool_leaves_with_a_live_token(aiohttp_se
     assert api.rejected == []
 
 
+@pytest.mark.slow(reason="about 2 s: a 1 s token expires on real time while a request waits for the pool")
 async def test_request_queued_past_its_token_without_a_renewal_gets_503(aiohttp_server, aiohttp_client):
     """A request that waited for an upstream connection until its token expired, while the provider fails, is
     answered 503 (no usable token): the proxy never sends the expired token upstream."""

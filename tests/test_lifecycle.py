@@ -185,6 +185,7 @@ async def test_rejected_login_gives_503_with_reason_and_backs_off(aiohttp_server
     assert WRONG_PASSWORD not in repr(body)
 
 
+@pytest.mark.slow(reason="3 s of traffic on real time over a 4 s token")
 async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohttp_server, aiohttp_client):
     """The IdP answers 503 to refreshes: requests keep succeeding on the held token until it comes back."""
     idp = await start_idp(aiohttp_server, access_lifetime_s=4.0)
@@ -201,6 +202,7 @@ async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohtt
     assert status["last_error"]["reason"] == "server_error"
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refused_too(aiohttp_server, aiohttp_client):
     """The upstream refuses the token, the refresh token is dead and the password was changed: the proxy
     must stop calling itself ready, and say why."""
@@ -223,6 +225,7 @@ async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refus
     assert "invalid_grant" in (await resp.json())["detail"]
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_server, aiohttp_client):
     """Sessions killed, a GET renews and gets 200, sessions killed again at once: the next POST is renewed and
     retried too (the upstream had accepted the renewed token), so no client sees a 401 (issue #12)."""
@@ -413,6 +416,7 @@ async def test_wrong_password_answered_with_200_is_not_retried_soon(aiohttp_serv
     _assert_not_logged(caplog, O2_PASSWORD, O2_SECRET)
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_temporarily_unavailable_with_a_400_is_retried_soon(aiohttp_server, aiohttp_client, caplog):
     """A 400 carrying ``temporarily_unavailable`` means "later", not "wrong credentials": retried after the
     transient backoff, not minutes later with advice to check the credentials."""
@@ -431,6 +435,7 @@ async def test_temporarily_unavailable_with_a_400_is_retried_soon(aiohttp_server
 # --- expiry -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason="3 s of traffic on real time, 2 s tokens answered in 0.8 s")
 async def test_slow_token_endpoint_no_expired_token_reaches_the_upstream(aiohttp_server, aiohttp_client):
     """A token endpoint taking 0.8 s to answer 2 s tokens: the lifetime counts from when the token was asked
     for, so the proxy renews in time and never sends a token the upstream already considers expired."""
@@ -460,6 +465,7 @@ async def test_token_dead_on_arrival_is_a_503_not_a_401(aiohttp_server, aiohttp_
     assert [r.fields["reason"] for r in events(caplog, "token.unavailable")] == ["expired_on_arrival"]
 
 
+@pytest.mark.slow(reason="2.5 s of traffic on real time over 1.5 s JWTs")
 async def test_jwt_exp_earlier_than_expires_in_wins(aiohttp_server, aiohttp_client):
     """expires_in says an hour, the JWT's exp says 1.5 s: the proxy renews by the earlier one, so clients never
     get the upstream's 401 for an expired token."""
@@ -473,6 +479,7 @@ async def test_jwt_exp_earlier_than_expires_in_wins(aiohttp_server, aiohttp_clie
     assert status["token"]["expires_in_s"] <= 1.5
 
 
+@pytest.mark.slow(reason="about 2.7 s: a 2 s token expires on real time while its 1.6 s refresh is in flight")
 async def test_requests_wait_for_the_refresh_in_flight_when_the_token_expires(aiohttp_server, aiohttp_client):
     """The token expires while its refresh is still in flight: 20 requests wait for that refresh and succeed;
     none fails and none causes a second token request."""

@@ -65,12 +65,13 @@ async def test_cancelled_waiter_does_not_cancel_the_login(managers):
 
 async def test_background_refresh_before_expiry_requests_do_not_wait(managers):
     """The scheduler refreshes at half the lifetime; while the refresh is held up, requests get the old token."""
-    idp = FakeIdP(lifetime=1.0)
-    tm = managers(idp)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=1.0, sleep=vt.sleep)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
     tm.start()
     first = await asyncio.wait_for(tm.get(), 5)
     idp.gate = asyncio.Event()  # the next token request hangs until the test opens the gate
-    await wait_until(lambda: len(idp.calls) == 2)
+    await vt.run_until(lambda: len(idp.calls) == 2, within=5.0)
     kind, presented, started = idp.calls[1]
     assert kind == "refresh"
     assert presented == first.refresh_token
@@ -78,7 +79,7 @@ async def test_background_refresh_before_expiry_requests_do_not_wait(managers):
     # The identity provider is stuck, yet a request gets the still-valid token at once.
     assert await asyncio.wait_for(tm.get(), 0.5) is first
     idp.gate.set()
-    await wait_until(lambda: tm.usable() is not first)
+    await vt.run_until(lambda: tm.usable() is not first, within=5.0)
     assert tm.usable().access_token.endswith("-2")
     assert idp.kinds == ["login", "refresh"]
     assert tm.counts["refreshes"] == 1
@@ -271,15 +272,16 @@ async def test_transient_failure_keeps_the_valid_token_and_backs_off(managers):
         backoffs.append((attempt, retry_after))
         return 0.3
 
-    idp = FakeIdP(lifetime=3.0)
-    tm = managers(idp, transient_backoff=backoff)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=3.0, sleep=vt.sleep)
+    tm = managers(idp, clock=vt, sleep=vt.sleep, transient_backoff=backoff)
     tm.start()
     first = await asyncio.wait_for(tm.get(), 5)
     idp.outcomes = [TokenUnavailable("token endpoint answered 503 (no OAuth error in the body)", reason="server_error")]
-    await wait_until(lambda: tm.phase is Phase.BACKING_OFF)
+    await vt.run_until(lambda: tm.phase is Phase.BACKING_OFF, within=5.0)
     assert await asyncio.wait_for(tm.get(), 0.5) is first  # still valid: used, no waiting
     assert tm.status()["last_error"]["reason"] == "server_error"
-    await wait_until(lambda: tm.usable() is not first)
+    await vt.run_until(lambda: tm.usable() is not first, within=5.0)
     assert idp.kinds == ["login", "refresh", "refresh"]
     gap = idp.calls[2][2] - idp.calls[1][2]
     assert gap >= 0.29  # waited out the backoff
@@ -405,11 +407,12 @@ async def test_a_session_shorter_than_the_access_token_is_kept_by_refreshing(man
     """A provider whose refresh token (its session) lives 6 s while access tokens live 5 minutes: the
     scheduler refreshes while the refresh token works, so the session never lapses into a new login
     (with a spent authorization code there would be none)."""
-    idp = FakeIdP(lifetime=300.0, refresh_lifetime=6.0)  # the refresh token's last moment: 1 s (5 s skew)
-    tm = managers(idp)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=300.0, refresh_lifetime=6.0, sleep=vt.sleep)  # its last moment: 1 s (5 s skew)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
     tm.start()
     first = await asyncio.wait_for(tm.get(), 5)
-    await wait_until(lambda: len(idp.calls) >= 3, within=5)
+    await vt.run_until(lambda: len(idp.calls) >= 3, within=5.0)
     assert idp.kinds[:3] == ["login", "refresh", "refresh"]
     assert idp.calls[1][1] == first.refresh_token
     assert idp.calls[1][2] - first.obtained_at < 1.0  # sent before the refresh token's last moment
@@ -417,15 +420,16 @@ async def test_a_session_shorter_than_the_access_token_is_kept_by_refreshing(man
 
 async def test_close_stops_the_scheduler_and_ends_the_session(managers):
     """close(revoke=True) ends the session at the provider once and leaves no token behind; no renewal follows."""
-    idp = FakeIdP(lifetime=1.0)  # the scheduler would refresh at half the lifetime, 0.5 s after the login
-    tm = managers(idp)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=1.0, sleep=vt.sleep)  # the scheduler would refresh at half the lifetime, at 0.5 s
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
     tm.start()
     token = await asyncio.wait_for(tm.get(), 5)
     await tm.close(revoke=True)
     assert idp.ended == [token]
     assert tm.phase is Phase.STOPPED
     assert tm.usable() is None
-    await asyncio.sleep(token.obtained_at + 0.7 - token_clock())  # past the time the refresh was due
+    await vt.run_for(token.obtained_at + 0.7 - vt.now)  # past the time the refresh was due
     assert idp.kinds == ["login"]
 
 
@@ -536,7 +540,7 @@ async def test_a_login_replaces_a_session_only_once_the_token_cannot_be_sent_and
     await vt.run_for(0.1)
     first = tm.usable()
     idp.failing = {"refresh"}  # the refresh path is broken (Keycloak's refresh lock timing out, say)
-    await vt.run_until(lambda: tm.usable() is not first and tm.usable() is not None, within=60.0)
+    await vt.run_until(lambda: tm.usable() is not first and tm.usable() is not None, within=60.0, step=0.1)
     login_at = idp.times("login")[1]
     assert login_at >= first.usable_until  # never while the token could still be sent
     assert all(kind == "refresh" for kind, _, at in idp.calls[1:] if at < first.usable_until)
