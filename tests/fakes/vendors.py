@@ -12,30 +12,28 @@
   ``refresh_token`` (rotating: the presented refresh token dies) and ``authorization_code`` (a code works
   once; a second use revokes what it issued, RFC 6749 §4.1.2). Its API wants ``Authorization: Bearer``.
 
-OLI and any Keycloak are :class:`proxy.demo.DemoIdP`. Every fake records each token request as a
-:class:`Seen` (content type, fields, Basic credentials), counts hits per grant, can be told to answer
-the next requests (``fail_next``) or all of them (``fail_always``) with a canned :class:`Fault`, and
-issues opaque random tokens that its API accepts until they expire or are revoked.
+OLI and any Keycloak are :class:`proxy.demo.DemoIdP`. Every fake here builds, as DemoIdP does, on
+:class:`proxy.demo.TokenEndpoint`: issued tokens checked with ``valid()``, hits per grant, and the next
+requests (``fail_next``) or all of them (``fail_always``) answered with a canned :class:`proxy.demo.Fault`.
+On top of it each records every token request as a :class:`Seen` (content type, fields, Basic
+credentials) and issues opaque random tokens that its API accepts until they expire or are revoked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from proxy.demo import Fault
+from proxy.demo import NO_STORE, IssuedToken, TokenEndpoint
 
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 
@@ -55,9 +53,9 @@ class Seen:
 
 
 @dataclass
-class Issued:
-    subject: str
-    expires_at: float  # monotonic; inf for a refresh token without expiry
+class Issued(IssuedToken):
+    """An issued token (``expires_at`` inf for a refresh token without expiry), with where it came from."""
+
     source: str = ""  # the authorization code a token came from, if any
 
 
@@ -72,8 +70,9 @@ class ApiCall:
     why: str = ""
 
 
-class FakeTokenServer:
-    """What the vendor fakes share: issued tokens, faults, counters, and an API that checks the token."""
+class FakeTokenServer(TokenEndpoint):
+    """What the vendor fakes share: proxy.demo's TokenEndpoint (issued tokens, counters, faults, valid()), a
+    record of every token request as it arrived, and an API that checks the token."""
 
     token_path = "/token"
 
@@ -84,18 +83,13 @@ class FakeTokenServer:
         api_header: str = "Authorization",
         api_prefix: str = "Bearer ",
     ) -> None:
+        super().__init__()
         self.expires_in = expires_in
         self.api_header = api_header
         self.api_prefix = api_prefix
-        self.hits: Counter[str] = Counter()
         self.seen: list[Seen] = []
-        self.access: dict[str, Issued] = {}
-        self.refresh: dict[str, Issued] = {}
         self.api_calls: list[ApiCall] = []
         self.handed_out: list[str] = []  # every token value issued (tests assert none reached a log)
-        self.faults: list[Fault] = []
-        self.sticky: Fault | None = None
-        self.base_url = ""
 
     # --- test controls ---------------------------------------------------------------------------
 
@@ -103,36 +97,16 @@ class FakeTokenServer:
     def token_url(self) -> str:
         return self.base_url + self.token_path
 
-    def fail_next(self, *faults: Fault) -> None:
-        """Answer the next token requests with these, one each."""
-        self.faults.extend(faults)
-
-    def fail_always(self, fault: Fault | None) -> None:
-        """Answer every token request with ``fault`` until called with None."""
-        self.sticky = fault
-
-    def revoke_all_access(self) -> None:
-        self.access.clear()
-
-    def revoke_all_refresh(self) -> None:
-        self.refresh.clear()
-
     def grants(self, grant: str) -> list[Seen]:
         """The token requests of one grant type, in order."""
         return [seen for seen in self.seen if seen.grant == grant]
-
-    def valid(self, token: str) -> Issued | None:
-        issued = self.access.get(token)
-        if issued is None or time.monotonic() >= issued.expires_at:
-            return None
-        return issued
 
     # --- issuing ---------------------------------------------------------------------------------
 
     def _issue(self, subject: str, *, with_refresh: bool, source: str = "") -> dict[str, Any]:
         access = "fake-at-" + secrets.token_urlsafe(24)
         lifetime = float(self.expires_in) if isinstance(self.expires_in, int | float) else 3600.0
-        self.access[access] = Issued(subject, time.monotonic() + lifetime, source)
+        self.access[access] = Issued(subject, time.monotonic() + lifetime, source=source)
         self.handed_out.append(access)
         body: dict[str, Any] = {"access_token": access, "expires_in": self.expires_in}
         if with_refresh:
@@ -143,7 +117,7 @@ class FakeTokenServer:
     def add_refresh_token(self, subject: str, *, source: str = "") -> str:
         """A refresh token the fake will honour (tests: an offline token obtained out of band)."""
         refresh = "fake-rt-" + secrets.token_urlsafe(24)
-        self.refresh[refresh] = Issued(subject, float("inf"), source)
+        self.refresh[refresh] = Issued(subject, float("inf"), "refresh", source=source)
         self.handed_out.append(refresh)
         return refresh
 
@@ -159,12 +133,10 @@ class FakeTokenServer:
         seen = await _read_token_request(request)
         self.seen.append(seen)
         self.hits[f"grant:{seen.grant or 'missing'}"] += 1
-        fault = self.faults.pop(0) if self.faults else self.sticky
-        if fault is not None:
+        answer = await self.answer_fault()
+        if answer is not None:
             self.hits["fault"] += 1
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            return fault_response(fault)
+            return answer
         return await self.grant(request, seen)
 
     async def grant(self, request: web.Request, seen: Seen) -> web.StreamResponse:
@@ -374,14 +346,6 @@ def _invalid_client(seen: Seen) -> web.Response:
     # RFC 6749 §5.2: 401 with WWW-Authenticate when the client tried HTTP Basic.
     headers = {"WWW-Authenticate": 'Basic realm="oauth"'} if seen.basic is not None else None
     return _error(401, "invalid_client", "Client authentication failed", headers)
-
-
-def fault_response(fault: Fault) -> web.Response:
-    """A canned answer: a dict becomes JSON; bytes or text go out as an HTML page unless headers say else."""
-    if isinstance(fault.body, dict):
-        return web.json_response(fault.body, status=fault.status, headers=fault.headers)
-    body = fault.body.encode() if isinstance(fault.body, str) else fault.body
-    return web.Response(body=body, status=fault.status, headers={"Content-Type": "text/html", **fault.headers})
 
 
 FakeT = TypeVar("FakeT", bound=FakeTokenServer)
