@@ -5,11 +5,13 @@ short lifetimes, rotates refresh tokens, answers errors the way Keycloak 26 does
 ``error_description`` texts and statuses, e.g. 400 ``invalid_grant`` "Invalid user credentials"),
 counts every request, and can be told to fail the next requests. The API accepts only tokens the
 identity provider issued and that have not expired, and counts what it saw, so a test can assert "no
-expired token ever reached the upstream".
+expired token ever reached the upstream". The identity provider is a :class:`TokenEndpoint`: the issued
+tokens, counters and canned faults that the tests' fakes of other vendors' token endpoints build on too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -43,40 +45,28 @@ class IssuedToken:
     kind: str = "access"
 
 
-class DemoIdP:
-    """A Keycloak-like token endpoint: password, client_credentials and refresh_token grants."""
+class TokenEndpoint:
+    """What every fake token endpoint keeps, and the controls a test has over it: the tokens it issued
+    (which an API checks with :meth:`valid`), request counters, and canned faults for the next token
+    requests or for all of them. :class:`DemoIdP` is one; the tests' vendor fakes build on it too."""
 
-    def __init__(
-        self,
-        *,
-        realm: str = "demo",
-        users: dict[str, str] | None = None,
-        clients: dict[str, str | None] | None = None,
-        access_lifetime_s: float = 300.0,
-        refresh_lifetime_s: float = 1800.0,
-        send_expires_in: bool = True,
-        revoke_refresh_tokens: bool = False,
-    ) -> None:
-        self.realm = realm
-        self.users = {"demo": "demo"} if users is None else users
-        self.clients: dict[str, str | None] = {"demo-client": None} if clients is None else clients
-        self.access_lifetime_s = access_lifetime_s
-        self.refresh_lifetime_s = refresh_lifetime_s
-        self.send_expires_in = send_expires_in
-        self.revoke_refresh_tokens = revoke_refresh_tokens
-        self.key = secrets.token_bytes(64)
+    def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.access: dict[str, IssuedToken] = {}
         self.refresh: dict[str, IssuedToken] = {}
-        self.used_refresh: set[str] = set()
         self.faults: list[Fault] = []
-        self.requests: list[dict[str, str]] = []  # every token request's fields (tests inspect them)
+        self.sticky: Fault | None = None
         self.base_url = ""
 
     # --- test controls ---------------------------------------------------------------------------
 
     def fail_next(self, *faults: Fault) -> None:
+        """Answer the next token requests with these, one each."""
         self.faults.extend(faults)
+
+    def fail_always(self, fault: Fault | None) -> None:
+        """Answer every token request with ``fault`` (once the queued ones are spent) until called with None."""
+        self.sticky = fault
 
     def revoke_all_access(self) -> None:
         """Invalidate every issued access token (the upstream will answer 401)."""
@@ -94,6 +84,42 @@ class DemoIdP:
         if issued is None or time.monotonic() >= issued.expires_at:
             return None
         return issued
+
+    async def answer_fault(self) -> web.Response | None:
+        """The canned answer to this token request, after its delay, if a fault is queued or set for all."""
+        fault = self.faults.pop(0) if self.faults else self.sticky
+        if fault is None:
+            return None
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        return fault_response(fault)
+
+
+class DemoIdP(TokenEndpoint):
+    """A Keycloak-like token endpoint: password, client_credentials and refresh_token grants."""
+
+    def __init__(
+        self,
+        *,
+        realm: str = "demo",
+        users: dict[str, str] | None = None,
+        clients: dict[str, str | None] | None = None,
+        access_lifetime_s: float = 300.0,
+        refresh_lifetime_s: float = 1800.0,
+        send_expires_in: bool = True,
+        revoke_refresh_tokens: bool = False,
+    ) -> None:
+        super().__init__()
+        self.realm = realm
+        self.users = {"demo": "demo"} if users is None else users
+        self.clients: dict[str, str | None] = {"demo-client": None} if clients is None else clients
+        self.access_lifetime_s = access_lifetime_s
+        self.refresh_lifetime_s = refresh_lifetime_s
+        self.send_expires_in = send_expires_in
+        self.revoke_refresh_tokens = revoke_refresh_tokens
+        self.key = secrets.token_bytes(64)
+        self.used_refresh: set[str] = set()
+        self.requests: list[dict[str, str]] = []  # every token request's fields (tests inspect them)
 
     # --- the app ---------------------------------------------------------------------------------
 
@@ -132,13 +158,9 @@ class DemoIdP:
         self.requests.append(form)
         grant = form.get("grant_type", "")
         self.hits[f"grant:{grant or 'missing'}"] += 1
-        if self.faults:
-            fault = self.faults.pop(0)
-            if fault.delay_s:
-                import asyncio
-
-                await asyncio.sleep(fault.delay_s)
-            return _fault_response(fault)
+        answer = await self.answer_fault()
+        if answer is not None:
+            return answer
         if not grant:
             return _oauth_error(400, "invalid_request", "Missing form parameter: grant_type")
         if grant not in ("password", "refresh_token", "client_credentials"):
@@ -240,7 +262,8 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=status, headers=NO_STORE)
 
 
-def _fault_response(fault: Fault) -> web.Response:
+def fault_response(fault: Fault) -> web.Response:
+    """A canned answer: a dict becomes JSON; bytes or text go out as an HTML page unless headers say else."""
     if isinstance(fault.body, dict):
         return web.json_response(fault.body, status=fault.status, headers=fault.headers)
     body = fault.body.encode() if isinstance(fault.body, str) else fault.body

@@ -73,8 +73,8 @@ REVOKE_SUCCESS = 200
 # A lifetime longer than this (a provider's "never expires" as 1e300) is cut to it, so expiry times stay
 # finite and printable; the token is then renewed once a year, which costs nothing.
 MAX_LIFETIME_S = 365 * 24 * 3600.0
-# The refresh token's lifetime in seconds: Keycloak's name (OLI's sample response, seed 003 line 33), then the
-# name in OLI's own field table (line 51), which other providers use too.
+# The refresh token's lifetime in seconds: Keycloak's name (in the 200 sample of OLI's "Bearer Token" page),
+# then the name in that page's own field table ("Response description"), which other providers use too.
 REFRESH_EXPIRY_FIELDS = ("refresh_expires_in", "refresh_token_expires_in")
 
 

@@ -1,22 +1,32 @@
-"""The token lifecycle end to end: DemoIdP, DemoAPI and the proxy in front, all on 127.0.0.1.
+"""The token lifecycle end to end: fake identity providers, an API, and the proxy in front, all on 127.0.0.1.
 
-Persistent 401s, concurrent 401s and a 401 after refresh and access were both revoked are in test_forward.py.
+Most tests run DemoIdP and DemoAPI; grants that cannot simply be repeated (rotating refresh tokens, one-time
+codes) run FakeOAuth2 (tests/fakes/vendors.py); expiry runs SlowIdP below, a token endpoint that takes its
+time and an API that refuses tokens past their real expiry. Persistent 401s, concurrent 401s and a 401 after
+refresh and access were both revoked are in test_forward.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
+from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 from aiohttp import web
 
 from proxy.app import METRICS
-from proxy.demo import DemoIdP
+from proxy.config import config_from_mapping
+from proxy.demo import DemoIdP, Fault
 from proxy.observability import TextFormatter
-from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
+from proxy.state import Phase
+from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.vendors import FakeOAuth2, start_fake
+from tests.faults.conftest import events, manager, proxy_config, wait_for
 
 WRONG_PASSWORD = "wrong-Pw-7731-not-real"
 
@@ -175,10 +185,9 @@ async def test_rejected_login_gives_503_with_reason_and_backs_off(aiohttp_server
     assert WRONG_PASSWORD not in repr(body)
 
 
+@pytest.mark.slow(reason="3 s of traffic on real time over a 4 s token")
 async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohttp_server, aiohttp_client):
     """The IdP answers 503 to refreshes: requests keep succeeding on the held token until it comes back."""
-    from proxy.demo import Fault
-
     idp = await start_idp(aiohttp_server, access_lifetime_s=4.0)
     api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
@@ -193,6 +202,7 @@ async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohtt
     assert status["last_error"]["reason"] == "server_error"
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refused_too(aiohttp_server, aiohttp_client):
     """The upstream refuses the token, the refresh token is dead and the password was changed: the proxy
     must stop calling itself ready, and say why."""
@@ -215,6 +225,7 @@ async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refus
     assert "invalid_grant" in (await resp.json())["detail"]
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_server, aiohttp_client):
     """Sessions killed, a GET renews and gets 200, sessions killed again at once: the next POST is renewed and
     retried too (the upstream had accepted the renewed token), so no client sees a 401 (issue #12)."""
@@ -231,3 +242,254 @@ async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_ser
         resp = await client.post("/v1/items", data=b"{}")
         assert resp.status == 200, await resp.text()
     assert api.rejected == ["unknown"] * 4
+
+
+async def test_revoke_soon_after_another_is_hidden_once_the_token_was_refreshed(aiohttp_server, aiohttp_client):
+    """Revoke, scheduled refresh, revoke again a second later: the GET after each revoke gets 200."""
+    idp = await start_idp(aiohttp_server, access_lifetime_s=2.0)  # refreshed 1 s after it is obtained
+    api, url = await start_api(aiohttp_server, idp)
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, url))
+    tokens = manager(client)
+    await wait_for(lambda: tokens.usable() is not None, within=3.0)
+    idp.revoke_all_access()
+    assert (await client.get("/v1/hello")).status == 200  # a 401, one renewal, one retry
+    renewed = tokens.usable()
+    await wait_for(lambda: tokens.usable() is not renewed, within=3.0)  # the scheduler refreshed it
+    idp.revoke_all_access()
+    resp = await client.get("/v1/hello")
+    assert resp.status == 200, await resp.text()
+    assert api.rejected == ["unknown", "unknown"]
+
+
+O2_CLIENT, O2_SECRET = "review-client", "review-cs-never-logged-41"
+O2_USER, O2_PASSWORD = "jsmith", "review-pw-never-logged-77"
+TEMPORARILY_UNAVAILABLE = Fault(503, {"error": "temporarily_unavailable", "error_description": "maintenance"})
+# A rejected login must not be retried for minutes; the window in which these tests see exactly one attempt.
+REJECTED_WINDOW_S = 1.0
+MINUTES = {"rejected_backoff": lambda attempt, rand: 60.0}
+
+
+def _o2_fake(**options: Any) -> FakeOAuth2:
+    return FakeOAuth2(clients={O2_CLIENT: O2_SECRET}, users={O2_USER: O2_PASSWORD}, **options)
+
+
+async def _o2_proxy(aiohttp_client: Any, fake: FakeOAuth2, manager_options: dict[str, Any] | None = None, **auth: Any):
+    mapping = {
+        "listen": {"port": 0},
+        "upstream": {"url": fake.base_url},
+        "auth": {"provider": "oauth2", "token_url": fake.token_url, "client_id": O2_CLIENT, "client_secret": O2_SECRET}
+        | auth,
+    }
+    return await start_proxy(aiohttp_client, config_from_mapping(mapping, source="test"), **(manager_options or {}))
+
+
+def _assert_not_logged(caplog: pytest.LogCaptureFixture, *secret_values: str) -> None:
+    text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    for value in secret_values:
+        assert value not in text
+
+
+class SlowIdP:
+    """A token endpoint that issues a token, then takes ``delays[n]`` seconds to answer request ``n``.
+
+    A token lives ``lifetimes[n]`` seconds (the last one repeats) from the moment it is issued, and the
+    response says so in ``expires_in`` (or ``expires_in`` when given). With ``as_jwt`` the token is a JWT
+    whose ``iat``/``exp`` carry the real lifetime. The same app is the upstream: it answers 401 to a token
+    past its real expiry and counts what it saw in ``api`` (ok / expired / unknown).
+    """
+
+    def __init__(
+        self,
+        lifetimes: list[float],
+        delays: list[float] | None = None,
+        *,
+        expires_in: float | None = None,
+        as_jwt: bool = False,
+    ) -> None:
+        self.lifetimes = lifetimes
+        self.delays = delays or []
+        self.expires_in = expires_in
+        self.as_jwt = as_jwt
+        self.key = secrets.token_bytes(32)
+        self.grants: list[str] = []
+        self.expiry: dict[str, float] = {}  # token -> monotonic time it dies
+        self.api: Counter[str] = Counter()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        app.router.add_get("/{tail:.*}", self._api)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        n = len(self.grants)
+        self.grants.append(str(form.get("grant_type")))
+        lifetime = self.lifetimes[min(n, len(self.lifetimes) - 1)]
+        if self.as_jwt:
+            now = time.time()
+            access = jwt.encode({"sub": "slow", "iat": now, "exp": now + lifetime, "n": n}, self.key, "HS256")
+        else:
+            access = f"slow-{n}-{secrets.token_urlsafe(12)}"
+        self.expiry[access] = time.monotonic() + lifetime
+        await asyncio.sleep(self.delays[n] if n < len(self.delays) else 0.0)
+        expires_in = lifetime if self.expires_in is None else self.expires_in
+        body = {"access_token": access, "token_type": "Bearer", "expires_in": expires_in, "refresh_token": f"rt-{n}"}
+        return web.json_response(body)
+
+    async def _api(self, request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        dies = self.expiry.get(token)
+        seen = "unknown" if dies is None else "expired" if time.monotonic() >= dies else "ok"
+        self.api[seen] += 1
+        if seen != "ok":
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return web.json_response({"ok": True})
+
+
+async def _slow_proxy(aiohttp_server: Any, aiohttp_client: Any, idp: SlowIdP, **manager_options: Any):
+    base = await start_app(aiohttp_server, idp.app())
+    return await start_proxy(aiohttp_client, proxy_config(base + "/token", base), **manager_options)
+
+
+# --- grants that cannot simply be repeated ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("grant", ["refresh_token", "authorization_code"])
+async def test_transient_refresh_failures_do_not_spend_the_configured_credential(
+    aiohttp_server, aiohttp_client, caplog, grant
+):
+    """Two 503s on refresh, then the fallback "login" refreshes with the newest refresh token: the rotated-away
+    configured token (or the spent code) is never sent again, and the proxy serves on instead of being stuck."""
+    fake = await start_fake(aiohttp_server, _o2_fake(expires_in=2))  # refresh due after 1 s; rotating
+    if grant == "refresh_token":
+        credential = fake.add_refresh_token(O2_USER)
+        client = await _o2_proxy(aiohttp_client, fake, grant_type=grant, refresh_token=credential)
+    else:
+        credential = fake.add_code(O2_USER)
+        client = await _o2_proxy(aiohttp_client, fake, grant_type=grant, code=credential)
+    assert (await client.get("/v1/hello")).status == 200
+    fake.fail_next(TEMPORARILY_UNAVAILABLE, TEMPORARILY_UNAVAILABLE)
+    tokens = manager(client)
+    await wait_for(lambda: len(fake.seen) >= 4 and tokens.phase in (Phase.HOLDING, Phase.REJECTED), within=6.0)
+
+    assert (await client.get("/v1/hello")).status == 200
+    assert (await client.get("/-/ready")).status == 200
+    status = await (await client.get("/-/status")).json()
+    assert status["state"] == "holding"
+    assert status["counters"]["rejections"] == 0
+    assert [s.grant for s in fake.seen[:3]] == [grant, "refresh_token", "refresh_token"]
+    assert all(s.grant == "refresh_token" for s in fake.seen[1:])
+    assert [s.fields.get("refresh_token", s.fields.get("code")) for s in fake.seen].count(credential) == 1
+    assert events(caplog, "token.login_rejected") == []
+    _assert_not_logged(caplog, credential, O2_SECRET, *fake.handed_out)
+
+
+# --- how the provider's errors are read ------------------------------------------------------------
+
+
+async def test_wrong_password_answered_with_200_is_not_retried_soon(aiohttp_server, aiohttp_client, caplog):
+    """A provider that answers a wrong password with 200 and an OAuth error: a rejected login (minutes of
+    backoff, "check the credentials"), not a transient failure retried every few seconds into a lockout."""
+    fake = await start_fake(aiohttp_server, _o2_fake())
+    fake.fail_always(Fault(200, {"error": "invalid_grant", "error_description": "Invalid username or password"}))
+    client = await _o2_proxy(
+        aiohttp_client, fake, MINUTES, grant_type="password", username=O2_USER, password=O2_PASSWORD
+    )
+    await wait_for(lambda: manager(client).last_error is not None)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REJECTED_WINDOW_S
+    while loop.time() < deadline:
+        resp = await client.get("/v1/hello")
+        body = await resp.json()
+        assert resp.status == 503
+        assert "invalid_grant: Invalid username or password" in body["detail"]
+        assert "check the credentials" in body["detail"]
+        assert int(resp.headers["Retry-After"]) >= 50
+        await asyncio.sleep(0.05)
+    assert len(fake.seen) == 1
+    status = await (await client.get("/-/status")).json()
+    assert status["state"] == "rejected"
+    assert status["last_error"]["reason"] == "invalid_grant"
+    assert len(events(caplog, "token.login_rejected")) == 1
+    _assert_not_logged(caplog, O2_PASSWORD, O2_SECRET)
+
+
+@pytest.mark.usefixtures("quick_logins")
+async def test_temporarily_unavailable_with_a_400_is_retried_soon(aiohttp_server, aiohttp_client, caplog):
+    """A 400 carrying ``temporarily_unavailable`` means "later", not "wrong credentials": retried after the
+    transient backoff, not minutes later with advice to check the credentials."""
+    fake = await start_fake(aiohttp_server, _o2_fake())
+    fake.fail_next(Fault(400, {"error": "temporarily_unavailable", "error_description": "maintenance"}))
+    client = await _o2_proxy(
+        aiohttp_client, fake, MINUTES, grant_type="password", username=O2_USER, password=O2_PASSWORD
+    )
+    await wait_for(lambda: manager(client).usable() is not None, within=3.0)
+    assert (await client.get("/v1/hello")).status == 200
+    assert len(fake.seen) == 2
+    assert events(caplog, "token.login_rejected") == []
+    assert [r.fields["reason"] for r in events(caplog, "token.unavailable")] == ["server_error"]
+
+
+# --- expiry -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow(reason="3 s of traffic on real time, 2 s tokens answered in 0.8 s")
+async def test_slow_token_endpoint_no_expired_token_reaches_the_upstream(aiohttp_server, aiohttp_client):
+    """A token endpoint taking 0.8 s to answer 2 s tokens: the lifetime counts from when the token was asked
+    for, so the proxy renews in time and never sends a token the upstream already considers expired."""
+    idp = SlowIdP([2.0], [0.8] * 10)
+    client = await _slow_proxy(aiohttp_server, aiohttp_client, idp)
+    statuses = await steady_traffic(client, 3.0, workers=1, pause=0.03)
+    assert set(statuses) == {200}, statuses
+    assert idp.api["expired"] == 0, idp.api
+    assert idp.api["ok"] > 20
+
+
+async def test_token_dead_on_arrival_is_a_503_not_a_401(aiohttp_server, aiohttp_client, caplog):
+    """A login that takes longer than the token lives: clients get 503 saying so, the dead token is never
+    sent upstream, and the provider is asked again only after a backoff."""
+    idp = SlowIdP([1.0], [1.3] * 10)
+    client = await _slow_proxy(
+        aiohttp_server, aiohttp_client, idp, transient_backoff=lambda attempt, rand, retry_after=None: 30.0
+    )
+    resp = await client.get("/v1/hello")
+    body = await resp.json()
+    assert resp.status == 503, body
+    assert body["error"] == "no_token"
+    assert "took" in body["detail"] and "expires after 1s" in body["detail"]
+    assert int(resp.headers["Retry-After"]) >= 20
+    assert sum(idp.api.values()) == 0
+    assert len(idp.grants) == 1
+    assert [r.fields["reason"] for r in events(caplog, "token.unavailable")] == ["expired_on_arrival"]
+
+
+@pytest.mark.slow(reason="2.5 s of traffic on real time over 1.5 s JWTs")
+async def test_jwt_exp_earlier_than_expires_in_wins(aiohttp_server, aiohttp_client):
+    """expires_in says an hour, the JWT's exp says 1.5 s: the proxy renews by the earlier one, so clients never
+    get the upstream's 401 for an expired token."""
+    idp = SlowIdP([1.5], expires_in=3600, as_jwt=True)
+    client = await _slow_proxy(aiohttp_server, aiohttp_client, idp)
+    statuses = await steady_traffic(client, 2.5, workers=1, pause=0.03)
+    assert set(statuses) == {200}, statuses
+    assert idp.api["expired"] == 0, idp.api
+    assert len(idp.grants) >= 3  # renewed about every 0.75 s
+    status = await (await client.get("/-/status")).json()
+    assert status["token"]["expires_in_s"] <= 1.5
+
+
+@pytest.mark.slow(reason="about 2.7 s: a 2 s token expires on real time while its 1.6 s refresh is in flight")
+async def test_requests_wait_for_the_refresh_in_flight_when_the_token_expires(aiohttp_server, aiohttp_client):
+    """The token expires while its refresh is still in flight: 20 requests wait for that refresh and succeed;
+    none fails and none causes a second token request."""
+    idp = SlowIdP([2.0, 30.0], [0.0, 1.6])  # refresh sent at 1 s, answered at 2.6 s; unusable from 1.8 s
+    client = await _slow_proxy(aiohttp_server, aiohttp_client, idp)
+    assert (await client.get("/v1/hello")).status == 200
+    tokens = manager(client)
+    await wait_for(lambda: len(idp.grants) == 2 and tokens.usable() is None, within=4.0)
+
+    responses = await asyncio.wait_for(asyncio.gather(*(client.get("/v1/hello") for _ in range(20))), 10)
+    assert [r.status for r in responses] == [200] * 20
+    assert idp.grants == ["password", "refresh_token"]
+    assert idp.api["expired"] == 0

@@ -31,6 +31,9 @@ from proxy.observability import (
 )
 from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
 
+# A second login waits 50 ms, not 1 s: no test here is about the login spacing.
+pytestmark = pytest.mark.usefixtures("quick_logins")
+
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
 PASSWORD = "pw-unit-test-Qx81-never-log"
 CLIENT_SECRET = "cs-unit-test-Zr27-never-log"

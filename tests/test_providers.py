@@ -1,4 +1,4 @@
-"""Every token API in the seeds, spoken through its preset against a fake of that vendor's dialect.
+"""Every token API the vendors document, spoken through its preset against a fake of that vendor's dialect.
 
 Each preset: the sidecar logs in (the fake saw the right content type, field names and client
 authentication), forwards with the right header, refreshes, and recovers from a rejected refresh.
@@ -22,6 +22,9 @@ from proxy.errors import ConfigError
 from proxy.providers import OLI_TOKEN_URL, WE360_TOKEN_URL
 from tests.fakes.servers import start_api, start_idp, start_proxy
 from tests.fakes.vendors import FORM, JSON, FakeOAuth2, FakeOIDCProvider, FakeWebCommander, start_fake
+
+# A second login waits 50 ms, not 1 s: no test here is about the login spacing.
+pytestmark = pytest.mark.usefixtures("quick_logins")
 
 # A forced renewal (upstream 401) may follow another at once in these tests.
 NO_401_INTERVAL = {"rejection_renewal_interval_s": 0.0}
@@ -84,7 +87,7 @@ async def test_we360_logs_in_forwards_refreshes_and_recovers(aiohttp_server, aio
         realm="ind-prod",
         users={WE360_USER: WE360_PASSWORD},
         clients={WE360_CUSTOMER: None},
-        send_expires_in=False,  # seed 000's sample response has no expires_in: the JWT exp decides
+        send_expires_in=False,  # we360's Login API sample response has no expires_in: the JWT exp decides
     )
     api, api_url = await start_api(aiohttp_server, idp)
     client = await _proxy(
@@ -118,7 +121,7 @@ async def test_we360_logs_in_forwards_refreshes_and_recovers(aiohttp_server, aio
     }
 
     idp.revoke_all_access()
-    idp.revoke_all_refresh()  # the refresh is refused: seed 000 says call the Login API again
+    idp.revoke_all_refresh()  # the refresh is refused: we360 says "Call the Login API again"
     assert (await client.get("/v1/hello")).status == 200
     assert [r["grant_type"] for r in idp.requests] == ["password", "refresh_token", "refresh_token", "password"]
     assert api.rejected == ["unknown", "unknown"]  # the two 401s that triggered renewals; clients saw 200s
@@ -126,6 +129,7 @@ async def test_we360_logs_in_forwards_refreshes_and_recovers(aiohttp_server, aio
     _assert_not_logged(caplog, WE360_PASSWORD, *idp.access, *idp.refresh, first_refresh)
 
 
+@pytest.mark.slow(reason="about 2 s: two scheduled refreshes of 2 s tokens on real time")
 async def test_we360_refreshes_before_expiry_without_failing_a_request(aiohttp_server, aiohttp_client):
     """With 2-second tokens the refresh happens on schedule; requests around it never see a 401 or a 503."""
     idp = await start_idp(
@@ -571,6 +575,7 @@ async def test_oauth2_dead_configured_refresh_token_is_not_ready_with_reason(aio
     assert len(fake.seen) == 1
 
 
+@pytest.mark.slow(reason="about 3 s: 2 s tokens refreshed on real time until their refresh token dies")
 async def test_oauth2_authorization_code_is_exchanged_once(aiohttp_server, aiohttp_client, caplog):
     """authorization_code: one exchange, then refresh tokens; when those die, not-ready with the reason, code unsent."""
     fake = await start_fake(aiohttp_server, _o2_fake(expires_in=2))

@@ -1,10 +1,15 @@
 """What each vendor's own document says, checked against the sidecar and against the fakes that stand in for it.
 
-The documents are in ``shared/seeds/`` (quoted as ``seed NNN:line``):
+The documents, cited by title and section, with the words quoted (never by line: copies differ):
 
-* seed 000 = ``000_71d581e20a6ba8ec.txt`` (we360.ai), seed 002 = ``002_8f3b6eea15fa926d.txt`` (WebCommander),
-  seed 003 = ``003_fed5c749f26d860c.txt`` (OLI Systems), seed 004 = ``004_dfa089372361a332.txt`` (generic OAuth 2.0),
-* research = ``shared/research/keycloak-token-endpoint.md`` (we360 and OLI are Keycloak realms).
+* we360.ai, "OAuth for Direct API Access": Overview, Login API, Refresh Token API, Use the bearer token,
+  Token lifecycle and best practices;
+* WebCommander, "WebCommander API Authentication": Authentication Endpoint, Parameter Descriptions, Example
+  Request, API Response, Using the Access Token;
+* OLI Systems, "Bearer Token": User Authentication (Request Body, the 200 sample, Response description), Refreshing;
+* a generic OAuth 2.0 provider's guide ("OAuth 2.0 is the industry-standard protocol for authorization"): its
+  Options 1 to 5, one per grant type;
+* Keycloak's OIDC endpoints, for what the we360 and OLI pages leave out (both are Keycloak realms).
 
 Where a test answers with a document's sample response, it sends it verbatim (``Fault(200, sample)``), so the
 sidecar is checked against the vendor's shape, not against the shape our fakes happen to produce.
@@ -27,7 +32,7 @@ from tests.fakes.vendors import JSON, FakeOAuth2, FakeWebCommander, start_fake
 NO_401_INTERVAL = {"rejection_renewal_interval_s": 0.0}
 WAIT_S = 8.0
 
-# seed 000:63-71 (Login API) and 000:120-128 (Refresh Token API): no expires_in, no refresh_expires_in.
+# we360, the "Sample response" of both the Login API and the Refresh Token API: no expires_in, no refresh_expires_in.
 WE360_SAMPLE = {
     "access_token": "eyJhbG...8qA1Klw",
     "refresh_token": "eyJhbGciOiJIUzI1NiIsInR...x78q-gRk2-lLHV53L0",
@@ -36,7 +41,7 @@ WE360_SAMPLE = {
     "session_state": "bb62faa8-1b33-4d8e-966b-88120e39670a",
     "scope": "email offline_access profile",
 }
-# seed 003:29-40: lower-case "bearer", a non-zero not-before-policy.
+# OLI, User Authentication, the 200 sample: lower-case "bearer", a non-zero not-before-policy.
 OLI_SAMPLE = {
     "access_token": "eyJhbGciOiJ...",
     "expires_in": 300,
@@ -90,17 +95,18 @@ async def _token_status(client: Any) -> dict[str, Any]:
         await asyncio.sleep(0.05)
 
 
-# --- we360 (seed 000) ----------------------------------------------------------------------------
+# --- we360 ---------------------------------------------------------------------------------------
 
 
 async def test_we360_sample_exchange_as_documented(aiohttp_server, aiohttp_client):
     """we360: the Login and Refresh requests are the documented curl calls; the sample answer lives 10 hours.
 
-    seed 000:45-49 login: Content-Type application/x-www-form-urlencoded; client_id, username, password,
-    grant_type=password (and no secret: 000:54-59). 000:27 "The `access_token` is valid for 10 hours." and
-    the sample response 000:63-71 has no expires_in (its token is not a readable JWT either).
-    000:140 "Authorization: Bearer ${access_token}". 000:104-107 refresh: client_id, refresh_token,
-    grant_type=refresh_token; 000:166 "Always store the newest access_token and refresh_token."
+    Login API, cURL example: Content-Type application/x-www-form-urlencoded; client_id, username, password,
+    grant_type=password (and no secret: its Request parameters table has none). Overview: "The `access_token`
+    is valid for 10 hours." and the Login API's sample response has no expires_in (its token is not a readable
+    JWT either). Use the bearer token: "Authorization: Bearer ${access_token}". Refresh Token API, cURL
+    example: client_id, refresh_token, grant_type=refresh_token; Token lifecycle and best practices: "Always
+    store the newest `access_token` and `refresh_token`."
     """
     idp = await start_idp(aiohttp_server, realm="ind-prod", users={}, clients={"cust-4711": None})
     upstream, api_url = await _upstream(aiohttp_server)
@@ -135,8 +141,9 @@ async def test_we360_sample_exchange_as_documented(aiohttp_server, aiohttp_clien
 async def test_we360_session_ends_at_the_realm_logout_with_the_customer_id(aiohttp_server, aiohttp_client):
     """we360 with revoke_on_shutdown: Keycloak's logout beside the token endpoint, with client authentication.
 
-    seed 000:168 "Revoke the session on logout if your application supports it."
-    research:152 "POST …/logout with client authentication and `refresh_token`" (form-encoded, research:7).
+    we360, Token lifecycle and best practices: "Revoke the session on logout if your application supports it."
+    Keycloak's OIDC logout endpoint, beside the token endpoint: a form-encoded POST with client authentication
+    and the `refresh_token`, answered 204.
     """
 
     class RecordingIdP(DemoIdP):
@@ -166,15 +173,16 @@ async def test_we360_session_ends_at_the_realm_logout_with_the_customer_id(aioht
     ]
 
 
-# --- OLI (seed 003) ------------------------------------------------------------------------------
+# --- OLI ----------------------------------------------------------------------------------------
 
 
 async def test_oli_sample_response_is_read_as_documented(aiohttp_server, aiohttp_client):
     """OLI: the sample answer (lower-case "bearer") gives a Bearer header and a 300 s token.
 
-    seed 003:15-24 form body: username, password, grant_type=password, client_id=apiclient.
-    003:32 "expires_in": 300; 003:35 "token_type": "bearer"; 003:3 "This token is then passed in the http
-    headers" (the page is titled "Bearer Token", 003:1). 003:73-76 refresh: refresh_token, grant_type, client_id.
+    User Authentication, Request Body (form-encoded): username, password, grant_type=password,
+    client_id=apiclient. Its 200 sample: "expires_in": 300, "token_type": "bearer"; the introduction: "This
+    token is then passed in the http headers" (the page is titled "Bearer Token"). Refreshing, Request Body:
+    refresh_token, grant_type, client_id.
     """
     idp = await start_idp(aiohttp_server, realm="api", users={}, clients={"apiclient": None})
     upstream, api_url = await _upstream(aiohttp_server)
@@ -202,15 +210,15 @@ async def test_oli_sample_response_is_read_as_documented(aiohttp_server, aiohttp
 @pytest.mark.parametrize(
     "field",
     [
-        "refresh_expires_in",  # seed 003:33, the sample response
-        "refresh_token_expires_in",  # seed 003:51, the field table
+        "refresh_expires_in",  # User Authentication, the 200 sample
+        "refresh_token_expires_in",  # User Authentication, Response description (the field table)
     ],
 )
 async def test_oli_refresh_token_lifetime_under_either_documented_name(aiohttp_server, aiohttp_client, field):
     """OLI names the refresh token's lifetime two ways; under either, a refresh token dying first is honoured.
 
-    seed 003:33 (sample) `"refresh_expires_in": 1800`; seed 003:51 (field table, HTML entities decoded)
-    `refresh_token_expires_in | number | refresh token expiration time in seconds`. With a refresh token that
+    User Authentication, the 200 sample: `"refresh_expires_in": 1800`; its Response description (HTML entities
+    decoded): `refresh_token_expires_in | number | refresh token expiration time in seconds`. With a refresh token that
     dies after 120 s and an access token of 300 s, the renewal must be due before the refresh token dies.
     """
     idp = await start_idp(aiohttp_server, realm="api", users={}, clients={"apiclient": None})
@@ -225,15 +233,16 @@ async def test_oli_refresh_token_lifetime_under_either_documented_name(aiohttp_s
     assert token["refresh_in_s"] < 115  # not 240 (a minute before the access token's expiry)
 
 
-# --- WebCommander (seed 002) ---------------------------------------------------------------------
+# --- WebCommander -------------------------------------------------------------------------------
 
 
 async def test_webcommander_example_request_and_header(aiohttp_server, aiohttp_client):
     """WebCommander: with the example's credentials, the request is the example request, byte for byte in JSON.
 
-    seed 002:13-14 Content-Type application/json; 002:35-41 the example request, whose auth_string decodes to
-    "newwc7@mywebcommander.com:newwc7@mywebcommander.com" (002:29 "base64-encoded ... username:password").
-    002:45-49 the response (no token_type); 002:57-61 the example header "access_token: ACCESS_TOKEN".
+    Authentication Endpoint: "Content-Type: application/json"; Example Request, whose auth_string decodes to
+    "newwc7@mywebcommander.com:newwc7@mywebcommander.com" (Parameter Descriptions: "A base64-encoded
+    authentication string containing your credentials in the format username:password"). API Response: the
+    response (no token_type); Using the Access Token: the example header "access_token: ACCESS_TOKEN".
     """
     user = "newwc7@mywebcommander.com"
     fake = FakeWebCommander(client_secret="14e72a77d9125429b0c514010ddb0e46", users={user: user})
@@ -259,18 +268,18 @@ async def test_webcommander_example_request_and_header(aiohttp_server, aiohttp_c
     }
     arrived = {k.lower(): v for k, v in fake.api_calls[-1].headers.items()}
     assert arrived["access_token"] == fake.handed_out[0]
-    assert 3590 < (await _token_status(client))["expires_in_s"] <= 3600  # 002:48 "expires_in": 3600
+    assert 3590 < (await _token_status(client))["expires_in_s"] <= 3600  # API Response: "expires_in": 3600
 
 
-# --- generic OAuth 2.0 (seed 004) ----------------------------------------------------------------
+# --- generic OAuth 2.0 ---------------------------------------------------------------------------
 
 
 async def test_oauth2_client_credentials_comes_with_a_refresh_token_that_is_used(aiohttp_server, aiohttp_client):
-    """seed 004: client_credentials also returns a refresh token, and renewal posts it back as documented.
+    """Generic OAuth 2.0: client_credentials also returns a refresh token, and renewal posts it back as documented.
 
-    seed 004:57 "For all work flows, except implicit (option 2), the access token will come with a refresh
-    token. When the access token expires, post the refresh token back to the /token endpoint."
-    004:48-52 the client_credentials body; 004:63-68 the refresh body: grant_type, client_id, client_secret,
+    Option 5 (Refresh Token): "For all work flows, except implicit (option 2), the access token will come with
+    a refresh token. When the access token expires, post the refresh token back to the /token endpoint."
+    Option 4 (Application Login), its "ex body"; Option 5's "ex body": grant_type, client_id, client_secret,
     refresh_token. (RFC 6749 §4.4.3 says a refresh token SHOULD NOT be issued here; this vendor issues one.)
     """
     fake = await start_fake(aiohttp_server, FakeOAuth2(clients={"BA779C49-client": "4AD3CE00-secret"}))
@@ -305,8 +314,9 @@ async def test_oauth2_client_credentials_comes_with_a_refresh_token_that_is_used
 async def test_fakes_answer_with_the_documented_fields(aiohttp_server):
     """Each fake's successful token response has exactly the fields of its vendor's sample response.
 
-    we360 seed 000:63-71 (no expires_in), OLI seed 003:29-40, WebCommander seed 002:45-49
-    (access_token, refresh_token, expires_in: no token_type), seed 004:57 (client_credentials included).
+    we360's Login API sample response (no expires_in), OLI's User Authentication 200 sample, WebCommander's
+    API Response (access_token, refresh_token, expires_in: no token_type), the generic guide's Option 5
+    ("For all work flows, except implicit", client_credentials included).
     """
     we360 = await start_idp(aiohttp_server, realm="ind-prod", users={"u": "p"}, send_expires_in=False)
     oli = await start_idp(aiohttp_server, realm="api", users={"u": "p"}, clients={"apiclient": None})

@@ -1,6 +1,9 @@
 """An in-process stand-in for ``proxy.idp.IdentityProvider``: numbered tokens, every call recorded, failures on request.
 
-No HTTP: it is for TokenManager tests, on real time or on :class:`tests.fakes.clock.VirtualTime`.
+No HTTP: it is for TokenManager tests, on real time or on :class:`tests.fakes.clock.VirtualTime`. It
+stands in for the Python interface TokenManager calls (login / refresh / end_session -> Token), not for a
+token endpoint, so it shares nothing with the HTTP fakes (proxy.demo.TokenEndpoint and what builds on it:
+DemoIdP, tests/fakes/vendors.py): a token endpoint's faults are HTTP answers, this one's are exceptions.
 """
 
 from __future__ import annotations

@@ -1,40 +1,39 @@
-"""Fake token endpoints in the dialects of the seeds, as small aiohttp apps with hit counters, for loopback.
+"""Fake token endpoints in the dialects the vendors document, as small aiohttp apps with hit counters, for loopback.
 
-* :class:`FakeWebCommander` (seed 002): ``POST /api/v4/oauth2/token``, JSON only, ``grant_type``
-  ``client_credentials`` with ``auth_string`` = base64(``username:password``), ``redirect_uri``,
+* :class:`FakeWebCommander` ("WebCommander API Authentication"): ``POST /api/v4/oauth2/token``, JSON only,
+  ``grant_type`` ``client_credentials`` with ``auth_string`` = base64(``username:password``), ``redirect_uri``,
   ``client_id``, ``client_secret``; answers ``access_token``, ``expires_in`` 3600 and a ``refresh_token``.
   Refresh is undocumented, so by default a ``refresh_token`` grant gets 400 ``unsupported_grant_type``.
   The same app is the store's API, which wants the token in an ``access_token`` header (the docs' example).
-* :class:`FakeOAuth2` (seed 004, RFC 6749): form or JSON bodies; client authentication in the body or
-  with HTTP Basic (never both); grants ``password``, ``client_credentials`` (with a refresh token, as seed
-  004 says of every grant but implicit; ``client_credentials_refresh=False`` for RFC 6749 §4.4.3's none),
+* :class:`FakeOAuth2` (a generic provider's OAuth 2.0 guide, and RFC 6749): form or JSON bodies; client
+  authentication in the body or with HTTP Basic (never both); grants ``password``, ``client_credentials``
+  (with a refresh token, as the guide's Option 5 says of every grant but implicit;
+  ``client_credentials_refresh=False`` for RFC 6749 §4.4.3's none),
   ``refresh_token`` (rotating: the presented refresh token dies) and ``authorization_code`` (a code works
   once; a second use revokes what it issued, RFC 6749 §4.1.2). Its API wants ``Authorization: Bearer``.
 
-OLI and any Keycloak are :class:`proxy.demo.DemoIdP`. Every fake records each token request as a
-:class:`Seen` (content type, fields, Basic credentials), counts hits per grant, can be told to answer
-the next requests (``fail_next``) or all of them (``fail_always``) with a canned :class:`Fault`, and
-issues opaque random tokens that its API accepts until they expire or are revoked.
+OLI and any Keycloak are :class:`proxy.demo.DemoIdP`. Every fake here builds, as DemoIdP does, on
+:class:`proxy.demo.TokenEndpoint`: issued tokens checked with ``valid()``, hits per grant, and the next
+requests (``fail_next``) or all of them (``fail_always``) answered with a canned :class:`proxy.demo.Fault`.
+On top of it each records every token request as a :class:`Seen` (content type, fields, Basic
+credentials) and issues opaque random tokens that its API accepts until they expire or are revoked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from proxy.demo import Fault
+from proxy.demo import NO_STORE, IssuedToken, TokenEndpoint
 
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 
@@ -54,9 +53,9 @@ class Seen:
 
 
 @dataclass
-class Issued:
-    subject: str
-    expires_at: float  # monotonic; inf for a refresh token without expiry
+class Issued(IssuedToken):
+    """An issued token (``expires_at`` inf for a refresh token without expiry), with where it came from."""
+
     source: str = ""  # the authorization code a token came from, if any
 
 
@@ -71,8 +70,9 @@ class ApiCall:
     why: str = ""
 
 
-class FakeTokenServer:
-    """What the vendor fakes share: issued tokens, faults, counters, and an API that checks the token."""
+class FakeTokenServer(TokenEndpoint):
+    """What the vendor fakes share: proxy.demo's TokenEndpoint (issued tokens, counters, faults, valid()), a
+    record of every token request as it arrived, and an API that checks the token."""
 
     token_path = "/token"
 
@@ -83,18 +83,13 @@ class FakeTokenServer:
         api_header: str = "Authorization",
         api_prefix: str = "Bearer ",
     ) -> None:
+        super().__init__()
         self.expires_in = expires_in
         self.api_header = api_header
         self.api_prefix = api_prefix
-        self.hits: Counter[str] = Counter()
         self.seen: list[Seen] = []
-        self.access: dict[str, Issued] = {}
-        self.refresh: dict[str, Issued] = {}
         self.api_calls: list[ApiCall] = []
         self.handed_out: list[str] = []  # every token value issued (tests assert none reached a log)
-        self.faults: list[Fault] = []
-        self.sticky: Fault | None = None
-        self.base_url = ""
 
     # --- test controls ---------------------------------------------------------------------------
 
@@ -102,36 +97,16 @@ class FakeTokenServer:
     def token_url(self) -> str:
         return self.base_url + self.token_path
 
-    def fail_next(self, *faults: Fault) -> None:
-        """Answer the next token requests with these, one each."""
-        self.faults.extend(faults)
-
-    def fail_always(self, fault: Fault | None) -> None:
-        """Answer every token request with ``fault`` until called with None."""
-        self.sticky = fault
-
-    def revoke_all_access(self) -> None:
-        self.access.clear()
-
-    def revoke_all_refresh(self) -> None:
-        self.refresh.clear()
-
     def grants(self, grant: str) -> list[Seen]:
         """The token requests of one grant type, in order."""
         return [seen for seen in self.seen if seen.grant == grant]
-
-    def valid(self, token: str) -> Issued | None:
-        issued = self.access.get(token)
-        if issued is None or time.monotonic() >= issued.expires_at:
-            return None
-        return issued
 
     # --- issuing ---------------------------------------------------------------------------------
 
     def _issue(self, subject: str, *, with_refresh: bool, source: str = "") -> dict[str, Any]:
         access = "fake-at-" + secrets.token_urlsafe(24)
         lifetime = float(self.expires_in) if isinstance(self.expires_in, int | float) else 3600.0
-        self.access[access] = Issued(subject, time.monotonic() + lifetime, source)
+        self.access[access] = Issued(subject, time.monotonic() + lifetime, source=source)
         self.handed_out.append(access)
         body: dict[str, Any] = {"access_token": access, "expires_in": self.expires_in}
         if with_refresh:
@@ -142,7 +117,7 @@ class FakeTokenServer:
     def add_refresh_token(self, subject: str, *, source: str = "") -> str:
         """A refresh token the fake will honour (tests: an offline token obtained out of band)."""
         refresh = "fake-rt-" + secrets.token_urlsafe(24)
-        self.refresh[refresh] = Issued(subject, float("inf"), source)
+        self.refresh[refresh] = Issued(subject, float("inf"), "refresh", source=source)
         self.handed_out.append(refresh)
         return refresh
 
@@ -158,12 +133,10 @@ class FakeTokenServer:
         seen = await _read_token_request(request)
         self.seen.append(seen)
         self.hits[f"grant:{seen.grant or 'missing'}"] += 1
-        fault = self.faults.pop(0) if self.faults else self.sticky
-        if fault is not None:
+        answer = await self.answer_fault()
+        if answer is not None:
             self.hits["fault"] += 1
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            return fault_response(fault)
+            return answer
         return await self.grant(request, seen)
 
     async def grant(self, request: web.Request, seen: Seen) -> web.StreamResponse:
@@ -188,7 +161,7 @@ class FakeTokenServer:
 
 
 class FakeWebCommander(FakeTokenServer):
-    """A WebCommander store: its token endpoint (seed 002) and an API behind the ``access_token`` header."""
+    """A WebCommander store: its token endpoint and an API behind the ``access_token`` header."""
 
     token_path = "/api/v4/oauth2/token"
 
@@ -241,7 +214,7 @@ class FakeWebCommander(FakeTokenServer):
 
 
 class FakeOAuth2(FakeTokenServer):
-    """A generic RFC 6749 token endpoint (seed 004)."""
+    """A generic RFC 6749 token endpoint (the generic OAuth 2.0 guide: Options 1 to 5, one per grant)."""
 
     token_path = "/oauth/token"
 
@@ -302,7 +275,8 @@ class FakeOAuth2(FakeTokenServer):
         if grant == "client_credentials":
             if expected is None:
                 return _error(400, "unauthorized_client", "public clients cannot use client_credentials")
-            # Seed 004 line 57: every grant but implicit comes with a refresh token (RFC 6749 §4.4.3: SHOULD NOT).
+            # The guide's Option 5: "For all work flows, except implicit (option 2), the access token will come with
+            # a refresh token" (RFC 6749 §4.4.3: SHOULD NOT).
             return self._respond(self._issue(client_id, with_refresh=self.client_credentials_refresh))
         if grant == "refresh_token":
             presented = f.get("refresh_token", "")
@@ -372,14 +346,6 @@ def _invalid_client(seen: Seen) -> web.Response:
     # RFC 6749 §5.2: 401 with WWW-Authenticate when the client tried HTTP Basic.
     headers = {"WWW-Authenticate": 'Basic realm="oauth"'} if seen.basic is not None else None
     return _error(401, "invalid_client", "Client authentication failed", headers)
-
-
-def fault_response(fault: Fault) -> web.Response:
-    """A canned answer: a dict becomes JSON; bytes or text go out as an HTML page unless headers say else."""
-    if isinstance(fault.body, dict):
-        return web.json_response(fault.body, status=fault.status, headers=fault.headers)
-    body = fault.body.encode() if isinstance(fault.body, str) else fault.body
-    return web.Response(body=body, status=fault.status, headers={"Content-Type": "text/html", **fault.headers})
 
 
 FakeT = TypeVar("FakeT", bound=FakeTokenServer)

@@ -104,6 +104,7 @@ async def test_failing_provider_gives_fast_503_with_reason(aiohttp_server, aioht
     assert sum(api.hits.values()) == 0
 
 
+@pytest.mark.slow(reason="about 4 s: a real 2.5 s auth timeout, then requests during the retries")
 async def test_hanging_provider_does_not_make_requests_wait(aiohttp_server, aiohttp_client, caplog):
     """A token endpoint that never answers: after the first timeout, requests get 503 well within auth.timeout_s."""
     timeout_s = 2.5
@@ -155,6 +156,7 @@ async def test_429_retry_after_is_honoured(aiohttp_server, aiohttp_client, retry
 # --- a valid token held ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason="about 2 s of requests on real time, until a 4 s token's refresh has failed twice")
 async def test_provider_gone_while_token_valid_keeps_serving(aiohttp_server, aiohttp_client, caplog):
     """The identity provider disappears after login: requests keep succeeding on the held token; ready stays 200."""
     idp = DemoIdP(access_lifetime_s=4)
@@ -182,6 +184,7 @@ async def test_provider_gone_while_token_valid_keeps_serving(aiohttp_server, aio
     assert api.rejected == []
 
 
+@pytest.mark.slow(reason="about 2.5 s on real time: five failed renewals of a 4 s token, one a real timeout")
 async def test_every_transient_fault_while_token_valid(aiohttp_server, aiohttp_client, caplog):
     """5xx, 429, garbage and a timeout in a row during renewal: no client notices, and the next attempt succeeds."""
     idp = await start_idp(aiohttp_server, access_lifetime_s=4)
@@ -251,6 +254,7 @@ async def test_rejected_login_is_not_retried_soon(
     assert sum(api.hits.values()) == 0
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_one_error_line_per_rejected_attempt(aiohttp_server, aiohttp_client):
     """Each rejected login is one ERROR line naming the provider's error and description; the backoff grows."""
     attempts: list[int] = []
@@ -282,6 +286,7 @@ async def test_one_error_line_per_rejected_attempt(aiohttp_server, aiohttp_clien
     assert state.rejected_backoff(0, 0.0) >= 50
 
 
+@pytest.mark.usefixtures("quick_logins")
 async def test_rejected_then_fixed_recovers(aiohttp_server, aiohttp_client):
     """When the provider accepts the credentials again (account unlocked), the next attempt logs in and serves."""
     idp = await start_idp(aiohttp_server)

@@ -31,6 +31,9 @@ from proxy.state import fingerprint
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
 from tests.faults.conftest import API_KEY, CLIENT_SECRET, PASSWORD, manager, wait_for
 
+# A second login waits 50 ms, not 1 s: no test here is about the login spacing.
+pytestmark = pytest.mark.usefixtures("quick_logins")
+
 # Shaped like a real JWT (header.payload.signature, base64url); never issued by anyone.
 FAKE_JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ0ZXN0LXVzZXIiLCJleHAiOjE5OTk5OTk5OTl9."

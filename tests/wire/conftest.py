@@ -71,7 +71,8 @@ class ProxyFactory:
     async def start(self, upstream_url: str, **upstream: Any) -> RunningProxy:
         config = config_from_mapping(
             {
-                "listen": {"port": 0, "shutdown_grace_s": 1.0},
+                # Short: a test that leaves a client connection open waits this long for the proxy to stop.
+                "listen": {"port": 0, "shutdown_grace_s": 0.25},
                 "upstream": {
                     "url": upstream_url,
                     "replay_limit_bytes": REPLAY_LIMIT,
