@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -52,6 +53,11 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
 STORE_KINDS = ("memory", "file", "redis")
 STORE_MODES = ("standalone", "sentinel", "cluster")
 MIN_STORE_KEY_CHARS = 32
+# listen.workers > 1 needs the kernel to spread connections over the workers' sockets on one port
+# (SO_REUSEPORT as Linux has it; BSD and macOS accept the option but give every connection to one socket),
+# and fork() to start them.
+WORKERS_SUPPORTED = sys.platform.startswith("linux")
+MAX_WORKERS = 64
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
@@ -75,6 +81,8 @@ class ListenConfig:
     idle_timeout_s: float = 75.0
     # Bytes a second a request body must average over any idle_timeout_s spent waiting for it; 0 = off.
     min_body_rate: float = 1024.0
+    # Processes serving the port (proxy/workers.py): each a whole sidecar, all sharing one token.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -502,6 +510,7 @@ def _build(raw: _Raw, source: str, proxy_env: Mapping[str, str] | None = None) -
             max_connections=values["listen"]["max_connections"],
             idle_timeout_s=values["listen"]["idle_timeout_s"],
             min_body_rate=values["listen"]["min_body_rate"],
+            workers=values["listen"]["workers"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
@@ -595,6 +604,7 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     if listen["min_body_rate"] < 0:
         raise fail("listen", "min_body_rate", "must not be negative (0 turns the check off)")
     _check_strings(listen, "listen", "allowed_hosts", fail)
+    _validate_workers(listen["workers"], auth, fail)
 
     if not upstream["url"]:
         raise fail("upstream", "url", "required: the API every request is forwarded to")
@@ -703,6 +713,25 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     if log["format"] not in ("text", "json"):
         raise fail("log", "format", f"must be text or json, got {log['format']!r}")
     _validate_store(values["store"], auth, fail)
+
+
+def _validate_workers(workers: int, auth: dict[str, Any], fail: Any) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise fail("listen", "workers", f"must be between 1 and {MAX_WORKERS}")
+    if workers > 1 and not WORKERS_SUPPORTED:
+        raise fail(
+            "listen",
+            "workers",
+            f"more than 1 needs SO_REUSEPORT load balancing and fork(), which this platform ({sys.platform}) "
+            "lacks (Linux has both): run one process per port instead",
+        )
+    if workers > 1 and auth["revoke_on_shutdown"]:
+        raise fail(
+            "auth",
+            "revoke_on_shutdown",
+            "cannot be combined with listen.workers > 1: the workers share one session, and the first worker "
+            "to stop would end it for the others",
+        )
 
 
 def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> None:
