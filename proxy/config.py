@@ -58,6 +58,9 @@ MIN_STORE_KEY_CHARS = 32
 # and fork() to start them.
 WORKERS_SUPPORTED = sys.platform.startswith("linux")
 MAX_WORKERS = 64
+# Integer keys that also take "auto": the number of CPUs this process may run on (1 where more than one
+# worker is not supported), at most MAX_WORKERS.
+AUTO_KEYS = frozenset({("listen", "workers")})
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
@@ -348,7 +351,8 @@ def _read_env(env: Mapping[str, str], raw: _Raw) -> None:
         if is_file:
             raw.set(section, name, _FileRef(text), origin)
         else:
-            raw.set(section, name, _parse_env_value(var, text, SCHEMA[section][name][0]), origin)
+            value = text.strip() if (section, name) in AUTO_KEYS and text.strip() == "auto" else None
+            raw.set(section, name, value or _parse_env_value(var, text, SCHEMA[section][name][0]), origin)
 
 
 def _parse_env_value(var: str, text: str, kind: type) -> Any:
@@ -446,6 +450,8 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
     origin = raw.origin[(section, key)]
     if isinstance(value, _FileRef):
         return _read_secret_file(value, section, key, origin)
+    if (section, key) in AUTO_KEYS and value == "auto":
+        return auto_workers()
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -458,7 +464,8 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
             list: "a list",
             dict: "a table",
         }
-        raise ConfigError(f"{section}.{key}", f"must be {names[kind]}, got {type(value).__name__}", origin)
+        want = names[kind] + (' or "auto"' if (section, key) in AUTO_KEYS else "")
+        raise ConfigError(f"{section}.{key}", f"must be {want}, got {type(value).__name__}", origin)
     if kind is float and not math.isfinite(value):  # TOML has inf and nan; no duration or margin is either
         raise ConfigError(f"{section}.{key}", f"must be a finite number, got {value}", origin)
     return value
@@ -715,9 +722,20 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     _validate_store(values["store"], auth, fail)
 
 
+def auto_workers() -> int:
+    """``listen.workers = "auto"``: one worker per CPU this process may use."""
+    if not WORKERS_SUPPORTED:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 def _validate_workers(workers: int, auth: dict[str, Any], fail: Any) -> None:
     if not 1 <= workers <= MAX_WORKERS:
-        raise fail("listen", "workers", f"must be between 1 and {MAX_WORKERS}")
+        raise fail("listen", "workers", f'must be between 1 and {MAX_WORKERS}, or "auto" (one per CPU)')
     if workers > 1 and not WORKERS_SUPPORTED:
         raise fail(
             "listen",

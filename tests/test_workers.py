@@ -191,7 +191,7 @@ def _config_file(tmp_path: Path, listen: str, auth: str = "") -> Path:
     [
         ("workers = 0", "", "listen.workers"),
         ("workers = 65", "", "listen.workers"),
-        ('workers = "two"', "", "listen.workers"),
+        ('workers = "two"', "", 'listen.workers: must be an integer or "auto"'),
         ("workers = 2", "revoke_on_shutdown = true", "auth.revoke_on_shutdown"),
     ],
 )
@@ -212,6 +212,18 @@ def test_more_than_one_worker_is_a_config_error_where_the_platform_cannot_spread
     assert "listen.workers: more than 1 needs SO_REUSEPORT" in capsys.readouterr().err
     _config_file(tmp_path, "workers = 1")
     assert main(["--check", "--config", str(tmp_path / "config.toml")], env={}) != EXIT_CONFIG
+
+
+def test_auto_is_one_worker_per_cpu_this_process_may_use(tmp_path, monkeypatch):
+    """workers = "auto" (in the file or the environment) is the CPUs of this process's affinity mask, and 1
+    where more than one worker is not supported."""
+    cpus = len(os.sched_getaffinity(0))
+    path = _config_file(tmp_path, 'workers = "auto"')
+    assert config_module.load_config(path, {}).listen.workers == cpus
+    env = {"OAUTH_SIDECAR_LISTEN_WORKERS": "auto"}
+    assert config_module.load_config(_config_file(tmp_path, ""), env).listen.workers == cpus
+    monkeypatch.setattr(config_module, "WORKERS_SUPPORTED", False)
+    assert config_module.load_config(path, {}).listen.workers == 1
 
 
 def test_a_port_in_use_exits_1_before_any_worker_starts(capsys):
