@@ -248,7 +248,11 @@ class _Parent:
     def _start(self, slot: _Slot) -> None:
         slot.listening = False
         info = WorkerInfo(slot.index, self.count, self.ready_w)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: a death like any other, restarted after the backoff
+            self._exited(slot, EXIT_FAILURE, fork_failed=exc.strerror or str(exc))
+            return
         if pid == 0:  # the worker: never returns into the parent's code
             code = EXIT_FAILURE
             try:
@@ -281,9 +285,10 @@ class _Parent:
             slot.pid, slot.listening = 0, False
             self._exited(slot, os.waitstatus_to_exitcode(status))
 
-    def _exited(self, slot: _Slot, code: int) -> None:
+    def _exited(self, slot: _Slot, code: int, **why: str) -> None:
         """``code`` as os.waitstatus_to_exitcode gives it: the exit status, or minus the signal number."""
-        how = {"code": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+        how: dict[str, Any] = {"code": code} if code >= 0 else {"signal": _signal_name(-code)}
+        how.update(why)
         if self.stopping:
             slot.code = code
             level = logging.INFO if code == EXIT_OK else logging.WARNING
@@ -351,6 +356,13 @@ class _Parent:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(slot.pid, 0)
                 slot.pid = 0
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say
+        return str(number)
 
 
 def _end_with_parent(parent_pid: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -279,6 +280,26 @@ def test_a_worker_exiting_2_stops_everything_with_exit_2():
         parent._exited(parent.slots[0], EXIT_CONFIG)
         assert parent.stopping and parent.slots[0].restart_at is None
         assert parent._exit_code() == EXIT_CONFIG
+    finally:
+        os.close(parent.ready_r)
+        os.close(parent.ready_w)
+
+
+def test_a_fork_that_fails_is_a_death_restarted_after_the_backoff(monkeypatch, caplog):
+    """fork() failing (out of processes or memory) neither crashes the parent nor gives up at once: the
+    worker is started again after the backoff, and the log says why."""
+    parent = _Parent(_workers_config(), lambda *_: 0, [])
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    try:
+        with caplog.at_level("WARNING", logger="oauth_sidecar"):
+            parent._start(parent.slots[0])
+        assert parent.slots[0].pid == 0 and parent.slots[0].restart_at is not None and not parent.stopping
+        (record,) = [r for r in caplog.records if r.getMessage() == "worker.exited"]
+        assert record.fields["fork_failed"] == "Resource temporarily unavailable"
     finally:
         os.close(parent.ready_r)
         os.close(parent.ready_w)
