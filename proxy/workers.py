@@ -216,8 +216,7 @@ class _Parent:
             for slot in self.slots:
                 if slot.pid:
                     event("worker.killed", level=logging.WARNING, index=slot.index, pid=slot.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(slot.pid, signal.SIGKILL)
+                    _send(slot.pid, signal.SIGKILL)
             self.failure = self.failure or EXIT_FAILURE
             self.stop_deadline = now + STOP_MARGIN_S  # reaped within a moment; never wait forever
 
@@ -236,14 +235,14 @@ class _Parent:
             self.stopping = True
             self.stop_deadline = time.monotonic() + self.config.listen.shutdown_grace_s + STOP_MARGIN_S
             for slot in self.slots:
-                slot.restart_at = None
+                if slot.pid == 0:  # dead and waiting for its restart: nothing left to stop
+                    slot.code, slot.restart_at = EXIT_OK, None
         self._forward(signo)
 
     def _forward(self, signo: int) -> None:
         for slot in self.slots:
             if slot.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signo)
+                _send(slot.pid, signo)
 
     def _start(self, slot: _Slot) -> None:
         slot.listening = False
@@ -351,11 +350,19 @@ class _Parent:
         """On the way out, however it came: no worker outlives the parent."""
         for slot in self.slots:
             if slot.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGKILL)
+                _send(slot.pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(slot.pid, 0)
                 slot.pid = 0
+
+
+def _send(pid: int, signo: int) -> None:
+    """Signal one worker. Only a real child's pid: kill(0, ...) would reach the whole process group and
+    kill(-1, ...) every process this user may signal, so anything below 2 is refused outright."""
+    if pid < 2:
+        raise ValueError(f"not a worker's pid: {pid}")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signo)
 
 
 def _signal_name(number: int) -> str:

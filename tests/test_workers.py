@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(not config_module.WORKERS_SUPPORTED, reason="lis
 # A run of base64url characters as long as the parent's store key (secrets.token_urlsafe(32): 43 of them).
 # Nothing the sidecar logs is that long and that random (request ids are 32 hex digits, token ids 10).
 KEY_SHAPED = re.compile(r"[A-Za-z0-9_-]{40,}")
+FAKE_PID = 999_999_999  # above any pid_max: only ever handed to a recording os.kill
 ATTEMPTS = 200  # new connections tried until both workers have answered (the kernel spreads them by hash)
 
 
@@ -58,8 +59,10 @@ def _proc(pid: int, what: str) -> bytes:
 async def _stop(sidecar: Sidecar) -> None:
     """However a test ended: the parent and every worker it logged are gone (a worker holds stderr open)."""
     for record in sidecar.events("worker.listening"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(record["pid"], signal.SIGKILL)
+        pid = record["pid"]
+        if isinstance(pid, int) and pid > 1:  # never kill(0) or kill(-1): the group, or everything
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     await sidecar.kill()
 
 
@@ -137,6 +140,7 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_serves_again(aiohtt
         async with aiohttp.ClientSession() as session:
             first = await _status_by_pid(session, url, 2)
             victim = next(pid for pid, body in first.items() if body["worker"]["index"] == 1)
+            assert isinstance(victim, int) and victim > 1 and victim != sidecar.proc.pid
             os.kill(victim, signal.SIGKILL)
             exited = await sidecar.wait_event("worker.exited")
             assert exited["signal"] == "SIGKILL" and exited["expected"] is False
@@ -303,3 +307,33 @@ def test_a_fork_that_fails_is_a_death_restarted_after_the_backoff(monkeypatch, c
     finally:
         os.close(parent.ready_r)
         os.close(parent.ready_w)
+
+
+def test_a_stop_while_a_worker_waits_for_its_restart_is_clean(monkeypatch):
+    """SIGTERM while a worker that died waits out its backoff: it is not started again, and once the others
+    stopped cleanly the parent exits 0."""
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signo: sent.append((pid, signo)))  # no signal leaves this test
+    parent = _Parent(_workers_config(), lambda *_: 0, [])
+    try:
+        parent._exited(parent.slots[0], -signal.SIGKILL)  # died, waits for its restart
+        parent.slots[1].pid = FAKE_PID  # the running worker
+        parent._stop()
+        assert parent.slots[0].restart_at is None and sent == [(FAKE_PID, signal.SIGTERM)]
+        parent.slots[1].pid = 0
+        parent._exited(parent.slots[1], 0)
+        assert parent._exit_code() == 0
+    finally:
+        os.close(parent.ready_r)
+        os.close(parent.ready_w)
+
+
+def test_the_parent_never_signals_a_pid_below_2(monkeypatch):
+    """A slot holding 0 or -1 (a bug) is refused, not passed to kill(), which would signal the process group
+    or every process of the user."""
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signo: sent.append((pid, signo)))
+    for pid in (1, 0, -1):
+        with pytest.raises(ValueError, match="not a worker's pid"):
+            workers._send(pid, signal.SIGTERM)
+    assert sent == []
