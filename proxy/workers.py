@@ -154,7 +154,15 @@ def run_workers(config: Config, redactor: Redactor, worker_main: WorkerMain) -> 
     directory: Path | None = None
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        config, directory = private_store(config)
+        try:
+            config, directory = private_store(config)
+        except OSError as exc:
+            print(
+                f"oauth-sidecar: cannot make the workers' private token store in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc} (set TMPDIR to a writable directory, or configure [store])",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         redactor.add([config.store.key])
         shared: dict[str, Any] = {"store": config.store.kind}
         if directory is not None:  # the directory is no secret; the key is, and is never logged

@@ -10,6 +10,7 @@ import re
 import secrets
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,17 @@ def test_the_parent_never_signals_a_pid_below_2(monkeypatch):
         with pytest.raises(ValueError, match="not a worker's pid"):
             workers._send(pid, signal.SIGTERM)
     assert sent == []
+
+
+def test_no_writable_temporary_directory_exits_1_saying_so(tmp_path, monkeypatch, capsys):
+    """A read-only root filesystem without a tmpfs: the parent cannot make its private store, says where and
+    what to do, and exits 1 before any worker starts."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+
+    def worker_main(*_: Any) -> int:
+        raise AssertionError("no worker may start")
+
+    assert run_workers(_workers_config(), Redactor(), worker_main) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert f"cannot make the workers' private token store in {tmp_path / 'missing'}" in err
+    assert "TMPDIR" in err
