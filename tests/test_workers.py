@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import tempfile
@@ -181,6 +182,8 @@ async def test_workers_end_when_the_parent_is_killed(aiohttp_server, tmp_path):
         assert len(sidecar.events("sidecar.stopped")) == 2  # each drained and stopped as on SIGTERM
     finally:
         await _stop(sidecar)
+        for record in sidecar.events("workers.starting"):  # a parent killed with -9 leaves it (README)
+            shutil.rmtree(record["store_dir"], ignore_errors=True)
 
 
 def _config_file(tmp_path: Path, listen: str, auth: str = "") -> Path:
