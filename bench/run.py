@@ -1,6 +1,6 @@
 """The benchmark: the sidecar against the upstream directly and against nginx as a reference proxy.
 
-    python -m bench.run [--duration 10] [--json bench/results.json] [--quick]
+    python -m bench.run [--duration 10] [--json bench/results.json] [--quick] [--workers N]
 
 Starts, all on 127.0.0.1: a fast upstream (nginx when installed, else a minimal aiohttp server)
 serving a 200-byte JSON body and a 100 MiB file; a fake identity provider (proxy.demo.DemoIdP,
@@ -8,6 +8,10 @@ each token request slowed by 200 ms); the sidecar in front of the upstream; ngin
 proxy (one worker) when installed; and aiohttp's server answering by itself (``aiohttp_alone``), the
 ceiling of anything built on it. On a machine with two or more cores the proxies are pinned to
 core 0 and the upstream, the identity provider and the load generator to core 1.
+
+With ``--workers N``, two more sidecars, neither pinned: ``sidecar_unpinned`` (one process) and
+``sidecar_workers`` (``listen.workers = N``), so the ratio of the two is what N workers give over one
+under the same conditions (sharing every core with the upstream and the load generator).
 
 Load comes from wrk when installed (``wrk -t1 -cN -dDs --latency``), else from bench/loadgen.py.
 It prints one table (req/s and p50/p99 at c=1 and c=64, streaming MB/s, RSS growth with 8 parallel
@@ -206,12 +210,15 @@ def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
     )
 
 
-def sidecar_conf(tmp: Path, name: str, port: int, upstream_port: int, idp_port: int, access_log: bool) -> Path:
+def sidecar_conf(
+    tmp: Path, name: str, port: int, upstream_port: int, idp_port: int, access_log: bool, workers: int = 1
+) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(
         f"""
 [listen]
 port = {port}
+workers = {workers}
 [upstream]
 url = "http://127.0.0.1:{upstream_port}"
 [auth]
@@ -370,6 +377,7 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
         wait_http(f"http://127.0.0.1:{up_port}/small")
 
         targets: dict[str, Target] = {"direct": Target("direct", up_port)}
+        spread: dict[str, int] = {}
         if nginx:
             port = free_port()
             (tmp / "proxy.conf").write_text(nginx_proxy_conf(tmp, port, up_port))
@@ -381,6 +389,9 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             ("sidecar", STEADY_LIFETIME_S, args.access_log, env),
             ("sidecar_refreshing", REFRESH_LIFETIME_S, args.access_log, env),
         ]
+        if args.workers > 1:  # name -> listen.workers; these two run on every core (see the docstring)
+            spread = {"sidecar_unpinned": 1, "sidecar_workers": args.workers}
+            sidecars += [(name, STEADY_LIFETIME_S, args.access_log, env) for name in spread]
         if args.baseline:
             # The same sidecar at another commit, in the same run: what a change costs, as a ratio.
             tree = tmp / "baseline"
@@ -397,8 +408,9 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
                 env,
             )
             port = free_port()
-            conf = sidecar_conf(tmp, name, port, up_port, idp_port, access)
-            argv = pinned(0, [python, "-m", "proxy", "--config", str(conf)])
+            conf = sidecar_conf(tmp, name, port, up_port, idp_port, access, spread.get(name, 1))
+            argv = [python, "-m", "proxy", "--config", str(conf)]
+            argv = argv if name in spread else pinned(0, argv)
             proc = procs.start(argv, tmp / f"{name}.log", side_env, cwd=Path(side_env["PYTHONPATH"]))
             wait_http(f"http://127.0.0.1:{port}/-/ready")
             targets[name] = Target(name, port, proc.pid)
@@ -506,6 +518,12 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         other = t.get(name)  # type: ignore[union-attr]
         if other is not None and other["c64"].get("cpu_us") and side["c64"].get("cpu_us"):
             out[f"c64_cpu_per_request_sidecar_over_{name}"] = side["c64"]["cpu_us"] / other["c64"]["cpu_us"]
+    if t.get("sidecar_workers") is not None:  # type: ignore[union-attr]
+        many, one = t["sidecar_workers"]["c64"], t["sidecar_unpinned"]["c64"]
+        out["c64_rps_workers_over_one_unpinned"] = many["rps"] / one["rps"]
+        out["c64_rps_workers_over_one_pinned"] = many["rps"] / side["c64"]["rps"]
+        if many.get("cpu_us") and one.get("cpu_us"):
+            out["c64_cpu_per_request_workers_over_one_unpinned"] = many["cpu_us"] / one["cpu_us"]
     if t.get("sidecar_baseline") is not None:  # type: ignore[union-attr]
         out["c64_rps_sidecar_over_baseline"] = side["c64"]["rps"] / t["sidecar_baseline"]["c64"]["rps"]
     if ngx is not None:
@@ -578,6 +596,13 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="REF",
         help="also run the sidecar at this git commit (a worktree) as sidecar_baseline, to compare in one run",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run a sidecar with listen.workers = N, and one with 1, both unpinned (see above)",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -35,6 +35,7 @@ IDP = web.AppKey("idp", IdentityProvider)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GUARD = web.AppKey("guard", Guard)
 SECRETS = web.AppKey("secrets", Secrets)  # the secret values in force (rotated files: proxy/secrets.py)
+WORKER = web.AppKey("worker", dict)  # listen.workers > 1: which worker this is (index, of, pid), for /-/status
 
 IDP_POOL_SIZE = 4
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -198,6 +199,8 @@ def _status(request: web.Request) -> web.Response:
         "proxy": proxies(config),
         **request.app[TOKENS].status(),
     }
+    if WORKER in request.app:
+        body["worker"] = request.app[WORKER]
     return web.json_response(body)
 
 

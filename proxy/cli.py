@@ -1,6 +1,7 @@
 """The command line: parse arguments, load the configuration, set up logging, then run one of three things:
-the proxy (:func:`serve`), a one-time login (:func:`check`, ``--check``) or ``--dev``, which starts
-proxy/demo.py's identity provider and API in this process and the proxy in front of them."""
+the proxy (:func:`serve`; with ``listen.workers`` > 1, that many of them under proxy/workers.py's parent),
+a one-time login (:func:`check`, ``--check``) or ``--dev``, which starts proxy/demo.py's identity provider
+and API in this process and the proxy in front of them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import GUARD, METRICS, SECRETS, TOKENS, idp_ssl_context, log_startup, make_app
+from .app import GUARD, METRICS, SECRETS, TOKENS, WORKER, idp_ssl_context, log_startup, make_app
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
@@ -28,6 +29,7 @@ from .idp import IdentityProvider, try_end_session
 from .listener import LimitedSite, connection_cap, raise_open_files_limit
 from .observability import Redactor, event, flush_access_log, setup_logging
 from .secrets import SecretWatcher
+from .workers import WorkerInfo, run_workers
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEV_ACCESS_LIFETIME_S = 120.0  # short, so a refresh shows up in the demo's log within a minute or two
@@ -79,10 +81,20 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     redactor = setup_logging(config.log.level, config.log.format, config.secrets())
     if args.check:
         return _run(check(config))
+    if config.listen.workers > 1:
+        return run_workers(config, redactor, lambda worker_config, worker: _worker(worker_config, worker, redactor))
     try:
         return _run(serve(config, redactor=redactor))
     finally:
         flush_access_log()  # the last batch of access lines, however the run ended
+
+
+def _worker(config: Config, worker: WorkerInfo, redactor: Redactor) -> int:
+    """One of listen.workers, in its forked process: a whole sidecar on its own SO_REUSEPORT socket."""
+    try:
+        return _run(serve(config, redactor=redactor, worker=worker))
+    finally:
+        flush_access_log()
 
 
 def _run(main_coro: Coroutine[Any, Any, int]) -> int:
@@ -116,9 +128,11 @@ async def serve(
     on_listening: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
     redactor: Redactor | None = None,
+    worker: WorkerInfo | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); drain in-flight requests; exit code. SIGHUP reads the
-    secret files again (and so does a change to one of them); ``redactor`` learns the new values."""
+    secret files again (and so does a change to one of them); ``redactor`` learns the new values.
+    As one of listen.workers (``worker``), it listens with SO_REUSEPORT and tells the parent when it does."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     watcher: SecretWatcher | None = None
@@ -135,11 +149,15 @@ async def serve(
     for sig, handler in handlers:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, handler)
+    if worker is not None:  # the parent forked us with these blocked: one sent since was kept for the handlers
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig for sig, _ in handlers})
     log_startup(config)
     # Before listening: as many open files as allowed, and a connection cap that fits in them.
     open_files = raise_open_files_limit()
     limit = connection_cap(config.listen.max_connections, config.upstream.pool_size, open_files)
     app = make_app(config)
+    if worker is not None:
+        app[WORKER] = {"index": worker.index, "of": worker.count, "pid": os.getpid()}
     requests: set[asyncio.Task[Any]] = set()
     app.middlewares.insert(0, _tracked(requests))
     runner = web.AppRunner(
@@ -160,6 +178,7 @@ async def serve(
             limit=limit,
             metrics=runner.app[METRICS],
             backlog=config.listen.max_connections,  # a queued connection holds no descriptor of ours
+            reuse_port=worker is not None,
         )
         await site.start()
     except OSError as exc:
@@ -181,8 +200,14 @@ async def serve(
     )
     watching = loop.create_task(watcher.run(), name="secret-watcher") if watcher.files else None
     url = _listen_url(runner, config)
-    event("sidecar.listening", url=url)
-    _warn_if_exposed(config)
+    if worker is None:
+        event("sidecar.listening", url=url)
+        _warn_if_exposed(config)
+    else:  # the parent logs sidecar.listening once every worker listens
+        event("worker.listening", url=url, index=worker.index, pid=os.getpid())
+        if worker.index == 0:
+            _warn_if_exposed(config)
+        worker.listening()
     if on_listening is not None:
         result = on_listening(url)
         if asyncio.iscoroutine(result):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -52,6 +53,14 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
 STORE_KINDS = ("memory", "file", "redis")
 STORE_MODES = ("standalone", "sentinel", "cluster")
 MIN_STORE_KEY_CHARS = 32
+# listen.workers > 1 needs the kernel to spread connections over the workers' sockets on one port
+# (SO_REUSEPORT as Linux has it; BSD and macOS accept the option but give every connection to one socket),
+# and fork() to start them.
+WORKERS_SUPPORTED = sys.platform.startswith("linux")
+MAX_WORKERS = 64
+# Integer keys that also take "auto": the number of CPUs this process may run on (1 where more than one
+# worker is not supported), at most MAX_WORKERS.
+AUTO_KEYS = frozenset({("listen", "workers")})
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
@@ -75,6 +84,8 @@ class ListenConfig:
     idle_timeout_s: float = 75.0
     # Bytes a second a request body must average over any idle_timeout_s spent waiting for it; 0 = off.
     min_body_rate: float = 1024.0
+    # Processes serving the port (proxy/workers.py): each a whole sidecar, all sharing one token.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -340,7 +351,8 @@ def _read_env(env: Mapping[str, str], raw: _Raw) -> None:
         if is_file:
             raw.set(section, name, _FileRef(text), origin)
         else:
-            raw.set(section, name, _parse_env_value(var, text, SCHEMA[section][name][0]), origin)
+            value = text.strip() if (section, name) in AUTO_KEYS and text.strip() == "auto" else None
+            raw.set(section, name, value or _parse_env_value(var, text, SCHEMA[section][name][0]), origin)
 
 
 def _parse_env_value(var: str, text: str, kind: type) -> Any:
@@ -438,6 +450,8 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
     origin = raw.origin[(section, key)]
     if isinstance(value, _FileRef):
         return _read_secret_file(value, section, key, origin)
+    if (section, key) in AUTO_KEYS and value == "auto":
+        return auto_workers()
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -450,7 +464,8 @@ def _typed(raw: _Raw, section: str, key: str) -> Any:
             list: "a list",
             dict: "a table",
         }
-        raise ConfigError(f"{section}.{key}", f"must be {names[kind]}, got {type(value).__name__}", origin)
+        want = names[kind] + (' or "auto"' if (section, key) in AUTO_KEYS else "")
+        raise ConfigError(f"{section}.{key}", f"must be {want}, got {type(value).__name__}", origin)
     if kind is float and not math.isfinite(value):  # TOML has inf and nan; no duration or margin is either
         raise ConfigError(f"{section}.{key}", f"must be a finite number, got {value}", origin)
     return value
@@ -502,6 +517,7 @@ def _build(raw: _Raw, source: str, proxy_env: Mapping[str, str] | None = None) -
             max_connections=values["listen"]["max_connections"],
             idle_timeout_s=values["listen"]["idle_timeout_s"],
             min_body_rate=values["listen"]["min_body_rate"],
+            workers=values["listen"]["workers"],
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
@@ -595,6 +611,7 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     if listen["min_body_rate"] < 0:
         raise fail("listen", "min_body_rate", "must not be negative (0 turns the check off)")
     _check_strings(listen, "listen", "allowed_hosts", fail)
+    _validate_workers(listen["workers"], auth, fail)
 
     if not upstream["url"]:
         raise fail("upstream", "url", "required: the API every request is forwarded to")
@@ -703,6 +720,36 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     if log["format"] not in ("text", "json"):
         raise fail("log", "format", f"must be text or json, got {log['format']!r}")
     _validate_store(values["store"], auth, fail)
+
+
+def auto_workers() -> int:
+    """``listen.workers = "auto"``: one worker per CPU this process may use."""
+    if not WORKERS_SUPPORTED:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
+def _validate_workers(workers: int, auth: dict[str, Any], fail: Any) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise fail("listen", "workers", f'must be between 1 and {MAX_WORKERS}, or "auto" (one per CPU)')
+    if workers > 1 and not WORKERS_SUPPORTED:
+        raise fail(
+            "listen",
+            "workers",
+            f"more than 1 needs SO_REUSEPORT load balancing and fork(), which this platform ({sys.platform}) "
+            "lacks (Linux has both): run one process per port instead",
+        )
+    if workers > 1 and auth["revoke_on_shutdown"]:
+        raise fail(
+            "auth",
+            "revoke_on_shutdown",
+            "cannot be combined with listen.workers > 1: the workers share one session, and the first worker "
+            "to stop would end it for the others",
+        )
 
 
 def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> None:

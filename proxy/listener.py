@@ -118,9 +118,11 @@ class LimitedSite(web.BaseSite):
         limit: int,
         metrics: Metrics,
         backlog: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=min(limit if backlog is None else backlog, 4096))
         self._host, self._port, self._limit, self._metrics = host, port, limit, metrics
+        self._reuse_port = reuse_port  # listen.workers: each worker's own socket on the one port
         self._refused_since_log = 0
         self._logged_at = -BUSY_LOG_INTERVAL_S
         self._waiting = 0  # refused connections waiting for their request head
@@ -153,6 +155,7 @@ class LimitedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
             start_serving=not own_accept,
         )
         if own_accept:

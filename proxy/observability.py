@@ -54,6 +54,13 @@ EVENTS: Mapping[str, str] = {
     "sidecar.stopping": "SIGTERM or SIGINT: in-flight requests get listen.shutdown_grace_s",
     "sidecar.stopped": "the process is about to exit 0",
     "sidecar.reloaded": "SIGHUP: the secret files were read again (which changed, which keep their last good value)",
+    # listen.workers > 1 (proxy/workers.py: the parent; worker.listening: cli.serve in a worker)
+    "workers.starting": "the parent starts listen.workers workers: their count, its pid, which token store they share",
+    "worker.listening": "one worker's listener is up (the parent logs sidecar.listening once all are): index, pid",
+    "worker.exited": "a worker ended: expected (stopping) or not (restart_in_s, or restart=no)",
+    "worker.killed": "a worker still running past listen.shutdown_grace_s and a margin was killed",
+    "workers.gave_up": "a worker died too often within a minute: the others are stopped, the parent exits 1",
+    "workers.stopping": "SIGTERM or SIGINT reached the parent: forwarded to every worker",
     # rotated secrets (proxy/secrets.py)
     "secret.rotated": "a secret file changed: its new value is in force (the key and file, never the value)",
     "secret.unreadable": "a secret file cannot be read, is empty or invalid: the last good value stays in force",
