@@ -168,12 +168,20 @@ async def test_redis_down_for_a_while_fails_no_request_and_the_fleet_converges_a
         redis_server.stop()
         await fleet.traffic(2.0)  # each manager renews alone meanwhile
         redis_server.start()
-        await fleet.traffic(2.5)  # a token lifetime after it is back
-        held = {m.held.access_token for m in fleet.managers if m.held}
-        states = {m.status()["store"]["state"] for m in fleet.managers}
+        back = time.monotonic()
+
+        def converged() -> bool:
+            held = [m.held.access_token if m.held else None for m in fleet.managers]
+            states = {m.status()["store"]["state"] for m in fleet.managers}
+            return states == {"available"} and len(set(held)) == 1 and None not in held
+
+        traffic = asyncio.create_task(fleet.traffic(3 * LIFETIME))
+        # One token lifetime after Redis is back, give or take the scheduling of a loaded 2-core machine.
+        assert await wait_until(converged, 2 * LIFETIME), [m.status()["store"] for m in fleet.managers]
+        converged_after = time.monotonic() - back
+        await traffic
     assert fleet.errors == Counter()
-    assert states == {"available"}
-    assert len(held) == 1, held  # one token again
+    assert converged_after <= 2 * LIFETIME
     assert fleet.presented_twice() == []
 
 
