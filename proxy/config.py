@@ -39,6 +39,30 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
 GRANT_TYPES = ("password", "client_credentials", "refresh_token", "authorization_code")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_NAMES = ("localhost",)
+# RFC 9110 §5.6.2: the characters of a header name (a token).
+TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Header names [inject] headers may not set: hop-by-hop ones (RFC 9110 §7.6.1) and those the proxy writes
+# itself (Host, the framing, X-Request-Id), with the "_" spellings of the framing ones that the proxy drops.
+RESERVED_STATIC_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+        "x-request-id",
+        "content_length",
+        "transfer_encoding",
+    }
+)
 
 # Field metadata for a value the loader sets itself (from the preset): not a configuration key.
 NOT_A_KEY = MappingProxyType({"key": False})
@@ -98,6 +122,10 @@ class AuthConfig:
 class InjectConfig:
     header: str = "Authorization"
     value: str = "Bearer {token}"
+    # Static headers sent upstream with every request beside the token (e.g. Ocp-Apim-Subscription-Key): name ->
+    # value. Every value is a secret. After loading, it also holds the values read from ``headers_file``.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    headers_file: Mapping[str, str] = field(default_factory=dict)  # name -> a file holding the value
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Every configured secret value (for the log redaction safety net)."""
         values = [getattr(getattr(self, section), key) for section, key in SECRET_KEYS]
+        values += self.inject.headers.values()  # [inject] headers: every value is a secret
         return [v for v in values if v]
 
 
@@ -403,7 +432,12 @@ def _build(raw: _Raw, source: str) -> Config:
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
-        inject=InjectConfig(**values["inject"]),
+        inject=InjectConfig(
+            header=values["inject"]["header"],
+            value=values["inject"]["value"],
+            headers=MappingProxyType(values["inject"]["headers"]),
+            headers_file=MappingProxyType(values["inject"]["headers_file"]),
+        ),
         access=AccessConfig(
             allow_methods=tuple(m.upper() for m in access["allow_methods"]),
             allow_paths=tuple(access["allow_paths"]),
@@ -545,6 +579,7 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
         raise fail("inject", "value", "must contain {token}")
     if not inject["header"] or any(c in inject["header"] for c in " :\r\n\t"):
         raise fail("inject", "header", f"not a valid header name: {inject['header']!r}")
+    inject["headers"] = _static_headers(inject, fail)
 
     _check_strings(access, "access", "allow_methods", fail)
     _check_strings(access, "access", "allow_paths", fail)
@@ -569,6 +604,45 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
     log["level"] = log["level"].lower()
     if log["format"] not in ("text", "json"):
         raise fail("log", "format", f"must be text or json, got {log['format']!r}")
+
+
+def _static_headers(inject: dict[str, Any], fail: Any) -> dict[str, str]:
+    """``inject.headers`` with the values of ``inject.headers_file`` read in, each name and value checked.
+
+    A value is never quoted in a message (they are secrets); the header's name is."""
+    token_header = inject["header"].lower()
+    token_twins = {token_header, token_header.replace("_", "-"), token_header.replace("-", "_")}
+    merged: dict[str, str] = {}
+    seen: set[str] = set()
+    for key in ("headers", "headers_file"):
+        for name, value in inject[key].items():
+            if not name or not set(name) <= TOKEN_CHARS:
+                raise fail("inject", key, f"not a valid header name: {name!r}")
+            lowered = name.lower()
+            if lowered in RESERVED_STATIC_HEADERS:
+                raise fail("inject", key, f"{name!r} cannot be set: the proxy writes or drops it itself")
+            if lowered in token_twins:
+                raise fail("inject", key, f"{name!r} is the token's header (inject.header)")
+            if lowered in seen:
+                raise fail("inject", key, f"header {name!r} is given twice (names are case-insensitive)")
+            seen.add(lowered)
+            if not isinstance(value, str):
+                shape = "a file path" if key == "headers_file" else "a string"
+                raise fail("inject", key, f"the value of {name!r} must be {shape}")
+            if key == "headers_file":
+                path = value
+                try:
+                    value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as exc:
+                    reason = exc.strerror or type(exc).__name__
+                    raise fail("inject", key, f"cannot read {path!r} for {name!r} ({reason})") from None
+                except UnicodeDecodeError:
+                    raise fail("inject", key, f"{path!r} (for {name!r}) is not UTF-8 text") from None
+            # Visible ASCII, space and tab only: no CR, LF or NUL could end the line or forge another header.
+            if not value.isascii() or any((c < " " and c != "\t") or c == "\x7f" for c in value):
+                raise fail("inject", key, f"the value of {name!r} must be ASCII text without control characters")
+            merged[name] = value
+    return merged
 
 
 def _check_strings(table: dict[str, Any], section: str, key: str, fail: Any) -> None:
