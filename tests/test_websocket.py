@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -143,7 +144,7 @@ async def test_client_close_reaches_the_upstream(stack: tuple[TestClient, WsUpst
 async def test_client_vanishing_reaches_the_upstream(stack: tuple[TestClient, WsUpstream]) -> None:
     """A client whose TCP connection just drops (no Close frame) ends the upstream's socket too."""
     client, upstream = stack
-    sock = await _raw_handshake(client, "/ws")
+    sock, _ = await _raw_handshake(client, "/ws")
     sock.close()
     await asyncio.wait_for(upstream.closed.wait(), 5)
 
@@ -436,10 +437,10 @@ async def _raw_request(client: TestClient, path: str, **options: Any) -> bytes:
         writer.close()
 
 
-async def _raw_handshake(client: TestClient, path: str) -> socket.socket:
-    """A client socket past a 101 (blocking socket, in a thread)."""
+async def _raw_handshake(client: TestClient, path: str) -> tuple[socket.socket, bytes]:
+    """A client socket past a 101 (blocking, for a thread), and the bytes that came after the 101's head."""
 
-    def connect() -> socket.socket:
+    def connect() -> tuple[socket.socket, bytes]:
         sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
         sock.sendall(_handshake_bytes(client, path))
         head = b""
@@ -448,6 +449,123 @@ async def _raw_handshake(client: TestClient, path: str) -> socket.socket:
             assert chunk, head
             head += chunk
         assert head.startswith(b"HTTP/1.1 101 "), head
-        return sock
+        return sock, head.partition(b"\r\n\r\n")[2]
 
     return await asyncio.to_thread(connect)
+
+
+# --- backpressure: raw bytes on both sides, so nothing but the proxy's flow control can hold them back -------
+
+FLOOD = 48 * 1024 * 1024  # beyond every socket buffer on the way (loopback: a few MiB each)
+
+
+async def _raw_ws_upstream(raw_server: Any, after_switch: Any) -> str:
+    """A raw upstream that answers the handshake with a correct 101, then runs ``after_switch``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.partition(b":")[2].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + websocket.WEBSOCKET_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept
+        )
+        await after_switch(reader, writer)
+
+    return await raw_server(handler)
+
+
+async def test_a_client_that_does_not_read_holds_the_upstream_back(
+    raw_server: Any, aiohttp_server: ServerFactory, aiohttp_client: Any
+) -> None:
+    """48 MiB from the upstream to a client that reads nothing: most of it stays with the upstream (the proxy
+    does not buffer it); once the client reads, all of it arrives."""
+    idp = await start_idp(aiohttp_server)
+    upstream_writer: list[asyncio.StreamWriter] = []
+    sent = asyncio.Event()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_writer.append(writer)
+        writer.write(b"d" * FLOOD)
+        await writer.drain()
+        sent.set()
+        await reader.read(1)  # until the proxy closes
+
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, await _raw_ws_upstream(raw_server, flood)))
+    sock, early = await _raw_handshake(client, "/ws")
+    try:
+        await asyncio.sleep(0.5)
+        assert not sent.is_set()
+        assert upstream_writer[0].transport.get_write_buffer_size() > 8 * 1024 * 1024
+
+        def read_all() -> int:
+            got = len(early)
+            deadline = time.monotonic() + 20
+            while got < FLOOD and time.monotonic() < deadline:
+                chunk = sock.recv(1 << 20)
+                assert chunk
+                got += len(chunk)
+            return got
+
+        assert await asyncio.to_thread(read_all) == FLOOD
+        await asyncio.wait_for(sent.wait(), 5)
+    finally:
+        sock.close()
+
+
+async def test_an_upstream_that_does_not_read_holds_the_client_back(
+    raw_server: Any, aiohttp_server: ServerFactory, aiohttp_client: Any
+) -> None:
+    """48 MiB from a client to an upstream that reads nothing: the client's sending stalls (the proxy stops
+    reading it) instead of the proxy buffering the lot; once the upstream reads, all of it arrives."""
+    idp = await start_idp(aiohttp_server)
+    start_reading = asyncio.Event()
+    received: list[int] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await start_reading.wait()
+        got = 0
+        while got < FLOOD:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        received.append(got)
+
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, await _raw_ws_upstream(raw_server, sink)))
+    sock, _ = await _raw_handshake(client, "/ws")
+    try:
+        data = memoryview(b"u" * FLOOD)
+
+        def send(limit_s: float) -> int:
+            sock.settimeout(limit_s)
+            sent = 0
+            try:
+                while sent < FLOOD:
+                    sent += sock.send(data[sent : sent + (1 << 20)])
+            except TimeoutError:
+                pass
+            return sent
+
+        stalled_at = await asyncio.to_thread(send, 0.5)
+        assert stalled_at < FLOOD - 8 * 1024 * 1024
+        start_reading.set()
+        rest = await asyncio.to_thread(lambda: stalled_at + _send_rest(sock, data, stalled_at))
+        assert rest == FLOOD
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert received == [FLOOD]
+    finally:
+        sock.close()
+
+
+def _send_rest(sock: socket.socket, data: memoryview, offset: int) -> int:
+    sock.settimeout(10)
+    sock.sendall(data[offset:])
+    return len(data) - offset
