@@ -3,7 +3,9 @@
 The request goes to ``upstream.url`` joined with the request's raw path and query string, byte for
 byte (never decoded and re-encoded). Hop-by-hop headers, those named in ``Connection``, the client's
 ``Authorization`` and the configured header are dropped; ``Host`` is the upstream's; the token is
-injected last. Bodies stream both ways with backpressure: a 200 MB report never sits in memory.
+injected last, after the static ``[inject] headers`` (whose names are dropped from the client's request
+too). A WebSocket handshake goes the same way; its 101 is handed to proxy/websocket.py. Bodies stream
+both ways with backpressure: a 200 MB report never sits in memory.
 ``Content-Encoding`` passes through untouched (the client session does not decompress).
 
 An upstream 401 with the current token triggers one shared renewal and one retry, when the body can
