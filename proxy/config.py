@@ -67,6 +67,30 @@ LOOPBACK_NAMES = ("localhost",)
 # A secret is a few KiB at most (a refresh token, a PEM key); a larger file is a mistake (/dev/zero, a log),
 # and is not read further.
 MAX_SECRET_BYTES = 1 << 20
+# RFC 9110 §5.6.2: the characters of a header name (a token).
+TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Header names [inject] headers may not set: hop-by-hop ones (RFC 9110 §7.6.1) and those the proxy writes
+# itself (Host, the framing, X-Request-Id), with the "_" spellings of the framing ones that the proxy drops.
+RESERVED_STATIC_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+        "x-request-id",
+        "content_length",
+        "transfer_encoding",
+    }
+)
 
 # Field metadata for a value the loader sets itself (from the preset): not a configuration key.
 NOT_A_KEY = MappingProxyType({"key": False})
@@ -142,6 +166,10 @@ class AuthConfig:
 class InjectConfig:
     header: str = "Authorization"
     value: str = "Bearer {token}"
+    # Static headers sent upstream with every request beside the token (e.g. Ocp-Apim-Subscription-Key): name ->
+    # value. Every value is a secret. After loading, it also holds the values read from ``headers_file``.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    headers_file: Mapping[str, str] = field(default_factory=dict)  # name -> a file holding the value
 
 
 @dataclass(frozen=True)
@@ -199,6 +227,7 @@ class Config:
         proxies = [self.upstream.proxy_url or "", self.auth.proxy_url or "", *variables]
         values += [s for url in proxies if url for s in credential_strings(url)]
         values.append(urlsplit(self.store.url).password or "" if self.store.url else "")
+        values += self.inject.headers.values()  # [inject] headers: every value is a secret
         return [v for v in values if v]
 
     def egress(self, side: str) -> Egress:
@@ -521,7 +550,12 @@ def _build(raw: _Raw, source: str, proxy_env: Mapping[str, str] | None = None) -
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         auth=AuthConfig(**{**auth, "extra": MappingProxyType({str(k): v for k, v in auth["extra"].items()})}),
-        inject=InjectConfig(**values["inject"]),
+        inject=InjectConfig(
+            header=values["inject"]["header"],
+            value=values["inject"]["value"],
+            headers=MappingProxyType(values["inject"]["headers"]),
+            headers_file=MappingProxyType(values["inject"]["headers_file"]),
+        ),
         access=AccessConfig(
             allow_methods=tuple(m.upper() for m in access["allow_methods"]),
             allow_paths=tuple(access["allow_paths"]),
@@ -695,6 +729,7 @@ def _validate(values: dict[str, dict[str, Any]], preset: Preset, raw: _Raw, fail
         raise fail("inject", "value", "must contain {token}")
     if not inject["header"] or any(c in inject["header"] for c in " :\r\n\t"):
         raise fail("inject", "header", f"not a valid header name: {inject['header']!r}")
+    inject["headers"] = _static_headers(inject, fail)
 
     _check_strings(access, "access", "allow_methods", fail)
     _check_strings(access, "access", "allow_paths", fail)
@@ -852,6 +887,45 @@ def _validate_client_keys(upstream: dict[str, Any], auth: dict[str, Any], fail: 
             raise fail(section, "client_cert_file" if exc.which == "cert" else "client_key_file", str(exc)) from None
     if upstream["client_cert_file"] and not upstream["url"].startswith("https://"):
         raise fail("upstream", "client_cert_file", "only used with an https:// upstream.url")
+
+
+def _static_headers(inject: dict[str, Any], fail: Any) -> dict[str, str]:
+    """``inject.headers`` with the values of ``inject.headers_file`` read in, each name and value checked.
+
+    A value is never quoted in a message (they are secrets); the header's name is."""
+    token_header = inject["header"].lower()
+    token_twins = {token_header, token_header.replace("_", "-"), token_header.replace("-", "_")}
+    merged: dict[str, str] = {}
+    seen: set[str] = set()
+    for key in ("headers", "headers_file"):
+        for name, value in inject[key].items():
+            if not name or not set(name) <= TOKEN_CHARS:
+                raise fail("inject", key, f"not a valid header name: {name!r}")
+            lowered = name.lower()
+            if lowered in RESERVED_STATIC_HEADERS:
+                raise fail("inject", key, f"{name!r} cannot be set: the proxy writes or drops it itself")
+            if lowered in token_twins:
+                raise fail("inject", key, f"{name!r} is the token's header (inject.header)")
+            if lowered in seen:
+                raise fail("inject", key, f"header {name!r} is given twice (names are case-insensitive)")
+            seen.add(lowered)
+            if not isinstance(value, str):
+                shape = "a file path" if key == "headers_file" else "a string"
+                raise fail("inject", key, f"the value of {name!r} must be {shape}")
+            if key == "headers_file":
+                path = value
+                try:
+                    value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as exc:
+                    reason = exc.strerror or type(exc).__name__
+                    raise fail("inject", key, f"cannot read {path!r} for {name!r} ({reason})") from None
+                except UnicodeDecodeError:
+                    raise fail("inject", key, f"{path!r} (for {name!r}) is not UTF-8 text") from None
+            # Visible ASCII, space and tab only: no CR, LF or NUL could end the line or forge another header.
+            if not value.isascii() or any((c < " " and c != "\t") or c == "\x7f" for c in value):
+                raise fail("inject", key, f"the value of {name!r} must be ASCII text without control characters")
+            merged[name] = value
+    return merged
 
 
 def _check_strings(table: dict[str, Any], section: str, key: str, fail: Any) -> None:

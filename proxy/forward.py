@@ -3,7 +3,9 @@
 The request goes to ``upstream.url`` joined with the request's raw path and query string, byte for
 byte (never decoded and re-encoded). Hop-by-hop headers, those named in ``Connection``, the client's
 ``Authorization`` and the configured header are dropped; ``Host`` is the upstream's; the token is
-injected last. Bodies stream both ways with backpressure: a 200 MB report never sits in memory.
+injected last, after the static ``[inject] headers`` (whose names are dropped from the client's request
+too). A WebSocket handshake goes the same way; its 101 is handed to proxy/websocket.py. Bodies stream
+both ways with backpressure: a 200 MB report never sits in memory.
 ``Content-Encoding`` passes through untouched (the client session does not decompress).
 
 An upstream 401 with the current token triggers one shared renewal and one retry, when the body can
@@ -23,6 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import StreamReader, web
 from yarl import URL
 
+from . import websocket
 from .access import Guard
 from .config import Config
 from .errors import BadRequest, NoToken, RequestTimeout, SidecarError, UpstreamUnreachable
@@ -153,6 +156,15 @@ class Forwarder:
         framing_twins = {"content_length", "transfer_encoding"}
         drop = set(HOP_BY_HOP) | {"host", "authorization", "expect", "content-length"} | twins | framing_twins
         drop.add(REQUEST_ID_HEADER.lower())  # sent again as the id we log
+        # [inject] headers: the client's own of those names (and their "-"/"_" twins) are dropped, like the token's,
+        # and ours go with the token, pre-encoded once. config.py has checked the names and values.
+        for name in config.inject.headers:
+            lowered = name.lower()
+            drop |= {lowered, lowered.replace("_", "-"), lowered.replace("-", "_")}
+        self._static = b"".join(
+            b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
+            for name, value in config.inject.headers.items()
+        )
         if config.access.api_key:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business
         self._drop_request = frozenset(name.encode("ascii") for name in drop)
@@ -231,6 +243,7 @@ class Forwarder:
         target = self._target(request)
         self._guard.check_api_key(request)
         self._guard.check_forward(method, target.partition("?")[0])
+        upgrade = websocket.requested(request)  # a WebSocket handshake, admitted like any request
 
         # The body's framing is decided here, once, from aiohttp's parse of the request, and handed to the
         # pool with the head it goes with; nothing downstream reads it back out of bytes.
@@ -245,6 +258,11 @@ class Forwarder:
             raise BadRequest(str(exc)) from None
         body: bytes | PacedBody | None = None
         replayable = True
+        accept = ""
+        if upgrade:
+            if framing.has_body:
+                raise BadRequest("a WebSocket handshake has no body")
+            accept = websocket.expected_accept(request)
         if framing.has_body:
             paced = PacedBody(request.content, self._body_window, self._min_body_rate)
             if framing.body is Body.LENGTH and framing.length <= self._replay_limit:
@@ -255,11 +273,13 @@ class Forwarder:
                 body, replayable = paced, False
         connection = request.headers.getall("Connection", [])
         head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing.header()
+        if upgrade:
+            head += websocket.UPGRADE_LINES
         # Only now, once the body is read: a slow client must not make the proxy send a token that expired meanwhile.
         if self._tokens.usable() is None:  # no coroutine while it is fresh
             await self._tokens.get()  # the renewal in flight, or NoToken (503) at once
 
-        upstream, token = await self._send(method, head, body, framing)
+        upstream, token = await self._send(method, head, body, framing, upgrade)
         try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
             if upstream.status == 401 and replayable:
                 for _ in range(MAX_AUTH_RETRIES):
@@ -268,11 +288,13 @@ class Forwarder:
                         break
                     upstream.release()
                     self._metrics.auth_retries.inc()
-                    upstream, token = await self._send(method, head, body, framing)
+                    upstream, token = await self._send(method, head, body, framing, upgrade)
                     if upstream.status != 401:
                         break
             if upstream.status != 401:
                 self._tokens.accepted(token)  # evidence for a later 401: this token was good (state.py)
+            if upstream.status == 101:  # only ever the answer to an upgrade (the pool refuses it otherwise)
+                return await self._tunnel(request, upstream, request_id, accept, progress)
             return await self._relay(request, upstream, request_id, allowed_origin, progress)
         finally:
             upstream.release()
@@ -313,7 +335,7 @@ class Forwarder:
         return b"".join(parts)
 
     async def _send(
-        self, method: str, head: bytes, body: bytes | PacedBody | None, framing: Framing
+        self, method: str, head: bytes, body: bytes | PacedBody | None, framing: Framing, upgrade: bool = False
     ) -> tuple[Exchange, Token]:
         """The upstream's answer, and the token it was sent with."""
         sent: list[Token] = []
@@ -325,20 +347,15 @@ class Forwarder:
             if token is None:
                 raise NoToken(self._tokens.reason(), retry_after=self._tokens.retry_after())
             sent.append(token)
-            return b"%s: %s\r\n\r\n" % (self._inject, token.header_bytes)
+            return b"%s%s: %s\r\n\r\n" % (self._static, self._inject, token.header_bytes)
 
         started = time.monotonic()
-        exchange = await self._pool.request(method, head, body, last, framing=framing)
+        exchange = await self._pool.request(method, head, body, last, framing=framing, upgrade=upgrade)
         self._metrics.observe_upstream(time.monotonic() - started)
         return exchange, sent[-1]
 
-    async def _relay(
-        self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
-    ) -> web.StreamResponse:
-        status = upstream.status
-        framing = upstream.framing
-        bodiless = framing.body is Body.NONE and status != 204  # HEAD and 304: their Content-Length passes through
-        drop = self._drop_bodiless if bodiless else self._drop_response
+    def _response_lines(self, upstream: Exchange, drop: frozenset[bytes], request_id: str, cors: bool) -> bytes:
+        """The upstream's end-to-end header lines for the client, and X-Request-Id when it sent none."""
         connection: list[bytes] = []
         kept = []
         for name, value in upstream.headers:
@@ -349,7 +366,7 @@ class Forwarder:
                 continue
             kept.append((lowered, name, value))
         named = _named_in_connection(connection) if connection else set()
-        if origin is not None:
+        if cors:
             named.add(b"access-control-allow-origin")  # ours replaces the upstream's
         # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1). llhttp has refused
         # CR, LF and NUL inside them and inside the reason; the scan below is the second lock on that door,
@@ -373,8 +390,38 @@ class Forwarder:
             raise UpstreamUnreachable("the upstream sent a response head the proxy will not relay (control bytes)")
         if not has_id:
             raw += b"X-Request-Id: %s\r\n" % request_id.encode("ascii")
+        return raw
+
+    async def _tunnel(
+        self, request: web.Request, upstream: Exchange, request_id: str, accept: str, progress: Progress
+    ) -> web.StreamResponse:
+        """The upstream switched to WebSocket: answer the client's handshake and relay bytes (proxy/websocket.py)."""
+        websocket.check_switch(upstream.headers, accept)  # else 502, before the client got anything
+        lines = websocket.UPGRADE_LINES + self._response_lines(upstream, self._drop_response, request_id, False)
+        self._metrics.count_request(request.method, 101, "upstream")
+        progress.status = 101
+
+        def done(tunnel: websocket.Tunnel) -> None:
+            progress.size = tunnel.sent_down
+            progress.outcome = tunnel.closed_by
+            self._metrics.bytes_out_total += tunnel.sent_down
+
+        response = await websocket.relay(
+            request, upstream, lines, self._stall_s, _logged_path(request), request_id, done
+        )
+        return response
+
+    async def _relay(
+        self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
+    ) -> web.StreamResponse:
+        status = upstream.status
+        framing = upstream.framing
+        bodiless = framing.body is Body.NONE and status != 204  # HEAD and 304: their Content-Length passes through
+        drop = self._drop_bodiless if bodiless else self._drop_response
+        raw = self._response_lines(upstream, drop, request_id, origin is not None)
         if origin is not None:
             raw += b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % origin.encode("latin-1")
+        reason = upstream.reason.encode("latin-1")
         self._metrics.count_request(request.method, status, "upstream")
 
         if upstream.complete:

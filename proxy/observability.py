@@ -72,6 +72,7 @@ EVENTS: Mapping[str, str] = {
     "request.malformed": "a request aiohttp's parser refused (400)",
     "log.access_dropped": "stderr took nothing while ACCESS_MAX_PENDING access lines waited: how many were dropped",
     "upstream.body_interrupted": "the upstream failed mid-body: the client's connection is cut",
+    "websocket.closed": "a WebSocket tunnel ended: who ended it, bytes each way, its duration (proxy/websocket.py)",
     # the token (proxy/tokens.py, proxy/idp.py)
     "token.obtained": "a login or refresh succeeded",
     "token.unavailable": "a token request failed for a transient reason: unreachable, timeout, 5xx, 429, bad reply",

@@ -158,6 +158,12 @@ class Connection(asyncio.Protocol):
         self.remaining = 0  # body bytes still due, when framed by Content-Length
         self.error: BaseException | None = None
         self.got_bytes = False
+        # A 101 Switching Protocols to a request that asked for it (Pool.request(upgrade=True)): the bytes
+        # after its head belong to the new protocol, kept in ``tail`` until Exchange.detach hands them over.
+        self.upgrade = False
+        self.switched = False
+        self._switching = False
+        self.tail = b""
         self._waiter: asyncio.Future[None] | None = None
         if getattr(self, "_paused_reading", False) and self.transport is not None and not self.closed:
             # The last response was complete but released unread while its buffer held reading off (a 401
@@ -181,6 +187,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.switched:  # the new protocol's bytes, before Exchange.detach handed the transport over
+            self.tail += data
+            return
         if not self.active:  # nothing was asked: a server talking on an idle connection
             self._abort()
             return
@@ -212,7 +221,16 @@ class Connection(asyncio.Protocol):
         in_head = self.status == 0
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # not a parse error: llhttp stops at a 101 Switching Protocols
+        except httptools.HttpParserUpgrade as exc:  # not a parse error: llhttp stops at a 101 Switching Protocols
+            if self.upgrade and self._switching:
+                # The switch this exchange asked for: what follows the head is the new protocol's, not HTTP.
+                self.status = 101
+                self.switched = True
+                self.tail = data[exc.args[0] :] if exc.args and isinstance(exc.args[0], int) else b""
+                if self.transport is not None:
+                    self.transport.pause_reading()  # until the caller takes the transport over
+                self._wake()
+                return
             self._fail(ConnectionError("the upstream switched protocols (101); the proxy forwards plain HTTP only"))
             return
         except httptools.HttpParserError as exc:
@@ -303,6 +321,9 @@ class Connection(asyncio.Protocol):
         if status < 100:  # llhttp reads any three digits: "000" is no status
             self.error = ConnectionError(f"the upstream sent an invalid status code ({status:03d})")
             raise ValueError("invalid status")  # stops llhttp; _feed fails the exchange
+        if status == 101 and self.upgrade:  # the switch asked for: completed in _feed, where llhttp stops
+            self._switching = True
+            return
         if 100 <= status < 200:  # 1xx (103 Early Hints, a stray 100 Continue): not the answer
             state.informational()
             self.headers, self.reason, self.header_bytes = [], b"", 0
@@ -366,8 +387,9 @@ class Connection(asyncio.Protocol):
 
     # --- used by Pool and Exchange ---------------------------------------------------------------
 
-    def begin(self, method: str, framing: Framing) -> None:
+    def begin(self, method: str, framing: Framing, upgrade: bool = False) -> None:
         self._reset(method)
+        self.upgrade = upgrade
         self.state.send_head(framing)
         self.active = True
         self.moved_at = self._loop.time()
@@ -495,6 +517,26 @@ class Exchange:
                 self._sender = None
             self._pool.release(self._conn)
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101 Switching Protocols (``Pool.request(upgrade=True)``): the connection leaves the pool for
+        good, as a raw byte stream. Returns its transport, reading paused, and the bytes that came after the
+        101's head. The caller sets its own protocol on the transport (``transport.set_protocol``), resumes
+        reading and closes it in the end; the pool no longer counts it (``upstream.pool_size`` bounds pooled
+        HTTP connections). UpstreamUnreachable if the connection is already gone."""
+        conn = self._conn
+        if self.status != 101 or not conn.switched or self._timer is None:
+            raise WireError("only a 101 Switching Protocols, once, can be detached")
+        self._timer.cancel()
+        self._timer = None
+        conn.switched = False
+        conn.active = False
+        self._pool._detached(conn)
+        transport = conn.transport
+        if conn.closed or transport is None or transport.is_closing():
+            raise UpstreamUnreachable("the upstream closed the connection right after switching protocols")
+        tail, conn.tail = conn.tail, b""
+        return transport, tail
+
 
 class _Idle:
     """upstream.timeout_s for one exchange: fires when no byte has moved either way for that long.
@@ -590,6 +632,7 @@ class Pool:
         last: Callable[[], bytes] | None = None,
         *,
         framing: Framing | None = None,
+        upgrade: bool = False,
     ) -> Exchange:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
 
@@ -601,6 +644,8 @@ class Pool:
         ready, gives the head's end: the proxy puts the token there, so a request that waited for a
         connection leaves with the token current then, not one that expired while it waited. What
         ``last()`` raises (no usable token) leaves the connection unused, back in the pool.
+        With ``upgrade`` (a WebSocket handshake), a 101 Switching Protocols is an answer (else a 502), and
+        the returned Exchange is :meth:`Exchange.detach`-ed by the caller.
         """
         if framing is None:
             if body is not None and not isinstance(body, bytes | bytearray):
@@ -621,7 +666,9 @@ class Pool:
                 self._put_back(conn)
                 raise
             try:
-                exchange = await self._exchange(loop, conn, method, whole, body, framing, retry=attempt == 0)
+                exchange = await self._exchange(
+                    loop, conn, method, whole, body, framing, retry=attempt == 0, upgrade=upgrade
+                )
             except _Retry:
                 continue
             if exchange.status == 407 and self._origin is not None and self._proxy is not None:
@@ -639,8 +686,9 @@ class Pool:
         body: Body_,
         framing: Framing,
         retry: bool,
+        upgrade: bool = False,
     ) -> Exchange:
-        conn.begin(method, framing)
+        conn.begin(method, framing, upgrade)
         timer = _Idle(loop, conn, self._timeout)
         sender: asyncio.Task[None] | None = None
         try:
@@ -829,6 +877,11 @@ class Pool:
             return
         conn.used_at = self._clock()
         self._idle.append(conn)
+        self._wake_one()
+
+    def _detached(self, conn: Connection) -> None:
+        """A connection that left the pool as a raw stream (Exchange.detach): its slot is free."""
+        self._open -= 1
         self._wake_one()
 
     def _discard(self, conn: Connection) -> None:

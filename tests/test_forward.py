@@ -830,7 +830,8 @@ async def test_an_unasked_101_is_a_502_with_its_reason(aiohttp_server, aiohttp_c
         await reader.read()
 
     client = await _proxy(aiohttp_server, aiohttp_client, await upstream(switch))
-    resp = await client.get("/socket", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    # Not a WebSocket handshake (those are tunnelled: tests/test_websocket.py): an upgrade the proxy does not do.
+    resp = await client.get("/socket", headers={"Upgrade": "h2c", "Connection": "Upgrade"})
     assert resp.status == 502
     assert "switched protocols (101)" in (await resp.json())["detail"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
