@@ -21,14 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import GUARD, METRICS, SECRETS, TOKENS, WORKER, idp_ssl_context, log_startup, make_app
+from .app import FORWARDER, GUARD, METRICS, SECRETS, TOKENS, WORKER, idp_ssl_context, log_startup, make_app
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
 from .listener import LimitedSite, connection_cap, raise_open_files_limit
 from .observability import Redactor, event, flush_access_log, setup_logging
-from .secrets import SecretWatcher
+from .secrets import HEADER_KEY, SecretWatcher
 from .workers import WorkerInfo, run_workers
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -193,6 +193,8 @@ async def serve(
     def changed(keys: tuple[str, ...]) -> None:
         if "access.api_key" in keys:
             guard.set_api_key(app[SECRETS].config.access.api_key)
+        if any(key.startswith(HEADER_KEY) for key in keys):
+            app[FORWARDER].set_static_headers(app[SECRETS].config.inject.headers)
         tokens.credentials_changed(keys)
 
     watcher = SecretWatcher(

@@ -451,6 +451,16 @@ def check_secret(key: str, value: str) -> str | None:
         # RFC 7636 §4.1
         if not 43 <= len(value) <= 128 or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in value):
             return "must be 43 to 128 characters of A-Z, a-z, 0-9, '-', '.', '_', '~'"
+    if key.startswith("inject.headers."):
+        return header_value_problem(value)
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a static header's value, or None. Visible ASCII, space and tab only: no CR,
+    LF or NUL could end the line or forge another header."""
+    if not value.isascii() or any((c < " " and c != "\t") or c == "\x7f" for c in value):
+        return "must be ASCII text without control characters"
     return None
 
 
@@ -568,6 +578,7 @@ def _build(raw: _Raw, source: str, proxy_env: Mapping[str, str] | None = None) -
         source=source,
         secret_files=MappingProxyType(
             {f"{s}.{k}": v.path for (s, k), v in raw.values.items() if isinstance(v, _FileRef)}
+            | {f"inject.headers.{name}": path for name, path in values["inject"]["headers_file"].items()}
         ),
         proxy_env=MappingProxyType(dict(proxy_env or {})),
     )
@@ -921,9 +932,8 @@ def _static_headers(inject: dict[str, Any], fail: Any) -> dict[str, str]:
                     raise fail("inject", key, f"cannot read {path!r} for {name!r} ({reason})") from None
                 except UnicodeDecodeError:
                     raise fail("inject", key, f"{path!r} (for {name!r}) is not UTF-8 text") from None
-            # Visible ASCII, space and tab only: no CR, LF or NUL could end the line or forge another header.
-            if not value.isascii() or any((c < " " and c != "\t") or c == "\x7f" for c in value):
-                raise fail("inject", key, f"the value of {name!r} must be ASCII text without control characters")
+            if problem := header_value_problem(value):
+                raise fail("inject", key, f"the value of {name!r} {problem}")
             merged[name] = value
     return merged
 

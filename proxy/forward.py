@@ -19,7 +19,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -161,10 +161,7 @@ class Forwarder:
         for name in config.inject.headers:
             lowered = name.lower()
             drop |= {lowered, lowered.replace("_", "-"), lowered.replace("-", "_")}
-        self._static = b"".join(
-            b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
-            for name, value in config.inject.headers.items()
-        )
+        self.set_static_headers(config.inject.headers)
         if config.access.api_key:
             drop.add("x-api-key")  # the proxy's own key is not the upstream's business
         self._drop_request = frozenset(name.encode("ascii") for name in drop)
@@ -176,6 +173,13 @@ class Forwarder:
         # fraction of uuid4's cost (it reads os.urandom for every request).
         self._id_prefix = secrets.token_hex(10)
         self._ids = itertools.count(1)
+
+    def set_static_headers(self, headers: Mapping[str, str]) -> None:
+        """Put the static ``[inject] headers`` in force (at start, and when a ``headers_file`` rotates: its
+        names never change, so what is dropped from the client's request stays). Pre-encoded once."""
+        self._static = b"".join(
+            b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()

@@ -33,11 +33,14 @@ import os
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from .config import AuthConfig, Config, check_secret, read_secret
 from .observability import Redactor, event
 
+# The key of a static header's value read from [inject] headers_file: "inject.headers.NAME".
+HEADER_KEY = "inject.headers."
 # How often the files are looked at. The kubelet takes up to a minute or two to update a mounted Secret;
 # a second more is nothing, and a stat a second per file costs nothing.
 POLL_INTERVAL_S = 1.0
@@ -56,15 +59,22 @@ class Secrets:
         return self.config.auth
 
     def value(self, key: str) -> str:
-        """The value of the secret ``key`` ("auth.password") in force."""
+        """The value of the secret ``key`` ("auth.password", "inject.headers.NAME") in force."""
+        if key.startswith(HEADER_KEY):
+            return self.config.inject.headers.get(key[len(HEADER_KEY) :], "")
         section, _, name = key.partition(".")
         value: str = getattr(getattr(self.config, section), name)
         return value
 
     def put(self, values: Mapping[str, str]) -> None:
         """Put ``values`` ("auth.password" -> value) in force, all at once."""
-        by_section: dict[str, dict[str, str]] = {}
+        by_section: dict[str, dict[str, Any]] = {}
+        headers = {key[len(HEADER_KEY) :]: value for key, value in values.items() if key.startswith(HEADER_KEY)}
+        if headers:
+            by_section["inject"] = {"headers": MappingProxyType({**self.config.inject.headers, **headers})}
         for key, value in values.items():
+            if key.startswith(HEADER_KEY):
+                continue
             section, _, name = key.partition(".")
             by_section.setdefault(section, {})[name] = value
         config = self.config

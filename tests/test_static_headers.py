@@ -146,3 +146,56 @@ async def test_sent_again_on_the_401_retry(aiohttp_server: ServerFactory, aiohtt
     seen = await _echo_headers(client)
     assert api.hits["invalid_token"] == 1  # the first attempt was refused, the retry went through
     assert ("ocp-apim-subscription-key", SUB_KEY) in seen
+
+
+async def test_a_rotated_headers_file_is_sent_from_then_on(
+    aiohttp_server: ServerFactory, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """A headers_file rewritten under the running proxy (a rotated subscription key) is read again by the
+    secret watcher and sent from the next request on; a new value with a line break keeps the old one."""
+    from proxy.app import FORWARDER, SECRETS
+    from proxy.config import config_from_mapping
+    from proxy.secrets import SecretWatcher
+
+    idp = await start_idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    key_file = tmp_path / "apim"
+    key_file.write_text(SUB_KEY + "\n")
+    base = keycloak_config(idp, api_url)
+    config = config_from_mapping(
+        {
+            "upstream": {"url": base.upstream.url},
+            "auth": {
+                "provider": "keycloak",
+                "token_url": base.auth.token_url,
+                "client_id": base.auth.client_id,
+                "username": base.auth.username,
+                "password": base.auth.password,
+            },
+            "inject": {"headers_file": {"Ocp-Apim-Subscription-Key": str(key_file)}},
+        }
+    )
+    assert config.secret_files == {"inject.headers.Ocp-Apim-Subscription-Key": str(key_file)}
+    client = await start_proxy(aiohttp_client, config)
+    app = client.server.app
+    changes: list[tuple[str, ...]] = []
+
+    def changed(keys: tuple[str, ...]) -> None:  # what cli.serve does with a change
+        changes.append(keys)
+        app[FORWARDER].set_static_headers(app[SECRETS].config.inject.headers)
+
+    watcher = SecretWatcher(app[SECRETS], on_change=changed)
+    watcher.poll()  # the first look reads every file: nothing new
+    assert ("ocp-apim-subscription-key", SUB_KEY) in await _echo_headers(client)
+
+    rotated = "apim-r0tat3d-k3y-2"
+    key_file.write_text(rotated + "\n")
+    assert watcher.poll() == ("inject.headers.Ocp-Apim-Subscription-Key",)
+    seen = await _echo_headers(client)
+    assert ("ocp-apim-subscription-key", rotated) in seen and SUB_KEY not in json.dumps(seen)
+
+    key_file.write_text("forged\r\nX-Admin: yes\n")  # a value that would forge a header line
+    assert watcher.poll() == ()
+    assert "inject.headers.Ocp-Apim-Subscription-Key" in watcher.problems
+    seen = await _echo_headers(client)
+    assert ("ocp-apim-subscription-key", rotated) in seen and "x-admin" not in [n for n, _ in seen]
