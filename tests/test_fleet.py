@@ -22,6 +22,9 @@ from proxy.tokens import TokenManager
 from tests.fakes.idp import FakeIdP, rejected
 from tests.fakes.redis_server import RedisServer
 
+# slow: real Redis TTLs, lease expiries and 2 s token lifetimes, a few seconds of real time each
+pytestmark = pytest.mark.slow
+
 KEY = "fleet-store-key-0123456789-abcdefghijkl"
 DIGEST = "f" * 24
 FLEET = 4

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis
 
 from proxy.config import load_config
@@ -16,6 +17,9 @@ from proxy.store import config_digest
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.servers import start_api, start_idp
 from tests.test_ops import PASSWORD, Sidecar, _wait_ready, _write_config
+
+# slow: real sidecar processes against a real Redis, waiting out a real lease
+pytestmark = pytest.mark.slow
 
 STORE_KEY = "process-fleet-store-key-0123456789abcdef"
 

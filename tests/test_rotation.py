@@ -298,6 +298,7 @@ def _config(tmp_path: Path, token_url: str, upstream: str, password_file: str, a
     return path
 
 
+@pytest.mark.slow  # a real process, a refused login and a real second of login spacing
 async def test_a_password_fixed_in_a_mounted_secret_logs_in_at_once_without_a_restart(aiohttp_server, tmp_path):
     """The sidecar starts with a wrong password from a mounted Secret and is refused (the next attempt a
     minute away); the Secret is updated as Kubernetes does it: within a couple of seconds the new password
@@ -338,6 +339,7 @@ async def test_a_password_fixed_in_a_mounted_secret_logs_in_at_once_without_a_re
         assert secret not in text
 
 
+@pytest.mark.slow  # a real process and a real login after SIGHUP
 async def test_sighup_rereads_the_secrets_and_the_process_keeps_running(aiohttp_server, tmp_path):
     """SIGHUP (systemctl reload, a closed ssh session) does not end the process: it logs sidecar.reloaded
     and reads the secret files again; the password rewritten in place is the one the next login sends."""

@@ -14,6 +14,9 @@ from aiohttp import web
 from tests.fakes.servers import start_app, start_idp
 from tests.test_ops import PASSWORD, Sidecar, _wait_ready, _write_config
 
+# slow: a real process and a real 1.5 s shutdown grace
+pytestmark = pytest.mark.slow
+
 GRACE_S = 1.5
 # What a clean exit may take beyond the grace: cancelling the cut request, the logout at the (local) fake
 # provider, closing the pools, the interpreter's exit. aiohttp's own drain took a second grace on top.

@@ -95,6 +95,7 @@ def _assert_no_secret(sidecar: Sidecar) -> None:
     assert KEY_SHAPED.findall(output) == []
 
 
+@pytest.mark.slow  # a parent and two real worker processes
 async def test_two_workers_answer_share_one_login_and_stop_on_sigterm(aiohttp_server, tmp_path):
     """Both workers answer on the one URL, the provider sees one login for the two, nothing key-shaped
     is printed, and SIGTERM stops them all within the grace: exit 0, the private store removed."""
@@ -131,6 +132,7 @@ async def test_two_workers_answer_share_one_login_and_stop_on_sigterm(aiohttp_se
         await _stop(sidecar)
 
 
+@pytest.mark.slow  # real processes and the restart backoff
 async def test_a_worker_killed_with_sigkill_is_restarted_and_serves_again(aiohttp_server, tmp_path):
     """kill -9 of one worker: the parent starts another in its place, which takes the token from the
     store (no second login) and answers; the other worker never stopped."""
