@@ -70,6 +70,9 @@ RETRY_S = 1.0
 RETRY_CAP_S = 30.0
 # Redis commands fail fast: a request waits for the store no longer than this per command.
 REDIS_TIMEOUT_S = 1.0
+# A version is a counter from 1: anything else stored as one (text, a float, a number past what Lua counts
+# exactly) is a damaged entry, never a crash.
+MAX_VERSION = 2**53 - 1
 # Entries outlive their last useful moment by this much (then Redis forgets them).
 ENTRY_SLACK_S = 60.0
 ENTRY_MIN_TTL_S = 300.0
@@ -189,7 +192,7 @@ class FileBackend:
         if not isinstance(record, dict):
             return None
         try:
-            return int(record["version"]), base64.b64decode(record["blob"], validate=True)
+            return _version(record["version"]), base64.b64decode(record["blob"], validate=True)
         except (KeyError, TypeError, ValueError):
             raise StoreUnavailable(f"the store file {self._path} has a damaged entry") from None
 
@@ -198,7 +201,10 @@ class FileBackend:
             return False
         entries = self._read_all()
         record = entries.get(self._digest)
-        current = int(record["version"]) if isinstance(record, dict) and "version" in record else 0
+        try:
+            current = _version(record["version"]) if isinstance(record, dict) and "version" in record else 0
+        except ValueError:
+            raise StoreUnavailable(f"the store file {self._path} has a damaged entry") from None
         if current != expected:
             return False
         entries[self._digest] = {"version": expected + 1, "blob": base64.b64encode(blob).decode()}
@@ -296,14 +302,14 @@ class FileBackend:
 
 # --- the redis backend -----------------------------------------------------------------------------
 
-# KEYS: entry, lease, channel. ARGV: expected version, blob, owner, ttl ms.
+# KEYS: entry, lease, channel. ARGV: expected version, blob, owner, ttl ms, the new version (compared and
+# written as text: Lua's numbers would turn a large counter into "1e+14").
 _SWAP = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if current ~= tonumber(ARGV[1]) then return 0 end
+if (redis.call('HGET', KEYS[1], 'v') or '0') ~= ARGV[1] then return 0 end
 if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-redis.call('HSET', KEYS[1], 'v', current + 1, 'blob', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[5], 'blob', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', KEYS[3], current + 1)
+redis.call('PUBLISH', KEYS[3], ARGV[5])
 return 1
 """
 # KEYS: lease, channel. ARGV: owner.
@@ -363,12 +369,17 @@ class RedisBackend:
         version, blob = values
         if version is None or blob is None:
             return None
-        return int(version), bytes(blob)
+        try:
+            return _version(version), bytes(blob)
+        except ValueError:
+            raise StoreUnavailable("redis: the stored entry is damaged (its version is not a counter)") from None
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         ms = int(max(ttl_s, 1.0) * 1000)
         done = await self._call(
-            self._swap(keys=[self._entry, self._lease, self._channel], args=[expected, blob, owner, ms])
+            self._swap(
+                keys=[self._entry, self._lease, self._channel], args=[str(expected), blob, owner, ms, str(expected + 1)]
+            )
         )
         return bool(done == 1)
 
@@ -565,6 +576,17 @@ def open_store(config: StoreConfig, auth: AuthConfig) -> SharedStore | None:
     backend: Backend = FileBackend(config.path, digest) if config.kind == "file" else RedisBackend(config, digest)
     lease_s = config.lease_s or auth.timeout_s + 5.0
     return SharedStore(backend, Sealer(config.key, digest), lease_s=lease_s)
+
+
+def _version(value: object) -> int:
+    """A stored version: a counter (an int, or its decimal digits as text or bytes), else ValueError."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        value = int(value)
+    if type(value) is not int or not 0 < value <= MAX_VERSION:
+        raise ValueError("not a version")
+    return value
 
 
 def _iso(wall: float) -> str:
