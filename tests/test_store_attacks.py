@@ -53,8 +53,8 @@ def file_store(path: Path, lease_s: float = 3.0) -> SharedStore:
     return SharedStore(FileBackend(str(path), DIGEST), Sealer(KEY, DIGEST), lease_s=lease_s, retry_s=0.1, retry_cap_s=0.5)
 
 
-def manager(idp: FakeIdP, store: SharedStore | None, **options: Any) -> TokenManager:
-    return TokenManager(idp, refresh_margin_s=60.0, store=store, transient_backoff=lambda *a: 0.3, **options)
+def manager(idp: FakeIdP, store: SharedStore | None, margin: float = 60.0, **options: Any) -> TokenManager:
+    return TokenManager(idp, refresh_margin_s=margin, store=store, transient_backoff=lambda *a: 0.3, **options)
 
 
 def entry_key(prefix: str = "oauth-sidecar") -> str:
@@ -131,3 +131,70 @@ async def test_a_garbage_record_in_the_store_file_is_unavailable_never_a_crash(t
         assert token.access_token.startswith("access-")
     finally:
         await m.close()
+
+
+# --- the same rotating refresh token, presented twice by the fleet ---------------------------------------------
+
+
+def pause_before(store: SharedStore, seconds: float, claim: bool) -> list[str]:
+    """The holder freezes (a GC pause, a SIGSTOP'd container) right before its next claim (``claim``) or
+    its next token write, for ``seconds``: past its lease. Returns a list that records the pause."""
+    original = store.write
+    paused: list[str] = []
+
+    async def write(entry: Any, expected: int) -> Any:
+        if not paused and bool(entry.refresh_claimed) == claim:
+            paused.append("claim" if claim else "token")
+            await asyncio.sleep(seconds)  # the other managers run on: they are other processes
+        return await original(entry, expected)
+
+    store.write = write  # type: ignore[method-assign]
+    return paused
+
+
+async def test_a_holder_that_paused_before_its_claim_never_presents_the_refresh_token_too(redis_server):
+    """A takes the lease to refresh, freezes past its lease before writing its claim; B takes the lease and
+    refreshes. A's claim is refused: A must not present the refresh token B presented."""
+    idp = FakeIdP(lifetime=LIFETIME, refresh_lifetime=600.0)
+    a_store, b_store = redis_store(redis_server.url, lease_s=0.5), redis_store(redis_server.url, lease_s=0.5)
+    # Both hold the same token; A renews it at half its life (1 s), B later (0.5 s before it expires).
+    a, b = manager(idp, a_store), manager(idp, b_store, margin=0.5)
+    try:
+        await a.get()  # A logs in and writes; B adopts
+        await b.get()
+        assert idp.kinds == ["login"]
+        paused = pause_before(a_store, 1.2, claim=True)
+        a.start()
+        b.start()
+        errors = await traffic([a, b], idp, 2.5)
+        assert paused == ["claim"], idp.calls
+    finally:
+        await a.close()
+        await b.close()
+    assert presented_twice(idp) == [], idp.calls
+    assert errors["expired token sent"] == 0 and errors["no token"] == 0, (errors, idp.calls)
+
+
+async def test_a_holder_that_paused_with_the_answer_keeps_its_token_and_the_fleet_never_reuses_it(redis_server):
+    """A presents the refresh token and freezes past its lease before writing what it got. B finds A's claim
+    unanswered and logs in (it never presents that refresh token again); A's late write is refused, it keeps its
+    own token, and takes the fleet's at its next renewal."""
+    idp = FakeIdP(lifetime=LIFETIME, refresh_lifetime=600.0)
+    a_store, b_store = redis_store(redis_server.url, lease_s=0.5), redis_store(redis_server.url, lease_s=0.5)
+    a, b = manager(idp, a_store), manager(idp, b_store, margin=0.5)
+    try:
+        await a.get()
+        await b.get()
+        paused = pause_before(a_store, 1.0, claim=False)
+        a.start()
+        b.start()
+        errors = await traffic([a, b], idp, 3.0)
+        assert paused == ["token"]
+        held = {m.held.access_token for m in (a, b) if m.held}
+    finally:
+        await a.close()
+        await b.close()
+    assert presented_twice(idp) == [], idp.calls
+    assert idp.kinds[:3] == ["login", "refresh", "login"], idp.kinds
+    assert errors["expired token sent"] == 0 and errors["no token"] == 0, errors
+    assert len(held) == 1  # one token again
