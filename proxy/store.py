@@ -45,6 +45,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -73,6 +74,8 @@ REDIS_TIMEOUT_S = 1.0
 # A version is a counter from 1: anything else stored as one (text, a float, a number past what Lua counts
 # exactly) is a damaged entry, never a crash.
 MAX_VERSION = 2**53 - 1
+# A store file holds a few entries of a few kB: a larger one is not ours (it is never read into memory).
+MAX_FILE_BYTES = 1024 * 1024
 # Entries outlive their last useful moment by this much (then Redis forgets them).
 ENTRY_SLACK_S = 60.0
 ENTRY_MIN_TTL_S = 300.0
@@ -199,6 +202,9 @@ class FileBackend:
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         if self._lock_fd is None:  # only the lease holder writes; the kernel keeps the lock while it lives
             return False
+        if not self._lock_is_current(self._lock_fd):  # the lock file was deleted or replaced: another may hold it
+            await self.release(owner)
+            return False
         entries = self._read_all()
         record = entries.get(self._digest)
         try:
@@ -213,7 +219,9 @@ class FileBackend:
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
         if self._lock_fd is not None:
-            return True
+            if self._lock_is_current(self._lock_fd):
+                return True
+            await self.release(owner)  # a lock on a file that was deleted or replaced: take the new one
         try:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -225,8 +233,20 @@ class FileBackend:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
             raise StoreUnavailable(f"cannot lock {self._lock_path} ({exc.strerror})") from None
+        if not self._lock_is_current(fd):  # unlinked between open and flock: a lock nobody else sees
+            os.close(fd)
+            return False
         self._lock_fd = fd
         return True
+
+    def _lock_is_current(self, fd: int) -> bool:
+        """The locked file is still the one at the lock path (a lock on a deleted or replaced file excludes
+        nobody: the next process locks the new file)."""
+        try:
+            held, current = os.fstat(fd), os.stat(self._lock_path)
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     async def release(self, owner: str) -> None:
         fd, self._lock_fd = self._lock_fd, None
@@ -268,7 +288,7 @@ class FileBackend:
 
     def _read_all(self) -> dict[str, Any]:
         try:
-            text = self._path.read_bytes()
+            text = self._read_file()
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -282,6 +302,25 @@ class FileBackend:
         entries: dict[str, Any] = data["entries"]
         return entries
 
+    def _read_file(self) -> bytes:
+        """The file's bytes, read in the event loop: so only a small regular file (a named pipe would wait for
+        a writer forever, non-blocking opens it at once; a huge file would take seconds)."""
+        fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreUnavailable(f"the store file {self._path} is not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise StoreUnavailable(f"the store file {self._path} is too large for an oauth-sidecar store")
+            chunks = []
+            while chunk := os.read(fd, MAX_FILE_BYTES + 1):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_FILE_BYTES:  # it grew while being read
+                    raise StoreUnavailable(f"the store file {self._path} is too large for an oauth-sidecar store")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def _write_all(self, entries: dict[str, Any]) -> None:
         """Atomically: a new file (0600) beside the old one, synced, renamed over it."""
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -289,7 +328,9 @@ class FileBackend:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # a full disk makes a write short before it fails: never rename a truncated file
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

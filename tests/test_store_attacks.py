@@ -198,3 +198,125 @@ async def test_a_holder_that_paused_with_the_answer_keeps_its_token_and_the_flee
     assert idp.kinds[:3] == ["login", "refresh", "login"], idp.kinds
     assert errors["expired token sent"] == 0 and errors["no token"] == 0, errors
     assert len(held) == 1  # one token again
+
+
+# --- the file store on a bad day -------------------------------------------------------------------------------
+
+
+def sealed_entry(**changes: Any) -> Any:
+    from proxy.store import Entry
+
+    now = time.time()
+    values: dict[str, Any] = {
+        "access_token": f"access-{SECRET_MARK}-x",
+        "refresh_token": f"refresh-{SECRET_MARK}-x",
+        "obtained_at": now,
+        "expires_at": now + 300,
+    }
+    values.update(changes)
+    return Entry(**values)
+
+
+async def test_a_lock_file_unlinked_while_held_makes_no_second_writer(tmp_path):
+    """Someone deletes the lock file while A holds it (a cleanup job, a careless rm): B locks a new one. Two
+    holders may never both write: A's lease was lost with the file."""
+    path = tmp_path / "token"
+    a, b = file_store(path), file_store(path)
+    assert await a.lease()
+    os.unlink(str(path) + ".lock")
+    assert await b.lease()  # B cannot know: the lock it takes is a new file
+    assert await a.write(sealed_entry(subject="from-a"), 0) is None  # A's lock is no longer the lock
+    assert await b.write(sealed_entry(subject="from-b"), 0) is not None
+    read = await a.read()
+    assert read is not None and read.subject == "from-b"
+    await a.close()
+    await b.close()
+
+
+async def test_a_lock_file_replaced_while_held_makes_no_second_writer(tmp_path):
+    path = tmp_path / "token"
+    a, b = file_store(path), file_store(path)
+    assert await a.lease()
+    other = tmp_path / "elsewhere"
+    other.write_bytes(b"")
+    os.replace(other, str(path) + ".lock")
+    assert await b.lease()
+    assert await a.write(sealed_entry(), 0) is None
+    await a.close()
+    await b.close()
+
+
+FULL_DISK_WRITER = """
+import asyncio, resource, signal, sys, time
+from proxy.store import Entry, FileBackend, Sealer, SharedStore, StoreUnavailable
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+async def main():
+    store = SharedStore(FileBackend(sys.argv[1], sys.argv[3]), Sealer(sys.argv[4], sys.argv[3]), lease_s=5.0)
+    assert await store.lease()
+    now = time.time()
+    try:
+        await store.write(Entry(access_token="a" * 3000, obtained_at=now, expires_at=now + 300), 1)
+    except StoreUnavailable as exc:
+        print("unavailable:", exc)
+    else:
+        print("written")
+asyncio.run(main())
+"""
+
+
+async def test_a_full_disk_never_leaves_a_damaged_store_file(tmp_path):
+    """The disk fills up while the holder writes (here: a file size limit, which makes write() short, as a full
+    disk does): the write fails, and the store file still holds the entry it held."""
+    path = tmp_path / "token"
+    first = file_store(path)
+    assert await first.lease()
+    assert await first.write(sealed_entry(subject="before"), 0) is not None
+    await first.close()
+    limit = path.stat().st_size + 100  # room for a little, not for the new entry
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(path), str(limit), DIGEST, KEY],
+        capture_output=True,
+        timeout=20,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    assert child.stdout.decode().startswith("unavailable:"), child.stdout
+    read = await file_store(path).read()  # not "not an oauth-sidecar store"
+    assert read is not None and read.subject == "before"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftover temporary file
+
+
+async def test_a_store_file_replaced_by_a_fifo_never_blocks_the_event_loop(tmp_path):
+    """A local user replaces the store file with a named pipe: reading it would wait for a writer forever, in
+    the event loop. It is not a regular file: unavailable, at once."""
+    path = tmp_path / "token"
+    os.mkfifo(path)
+    unblocked: list[bool] = []
+
+    def unblock() -> None:  # the safety net of the test: a blocked loop is freed after 3 s
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"{}")
+            os.close(fd)
+            unblocked.append(True)
+
+    import threading
+
+    timer = threading.Timer(3.0, unblock)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="not a regular file"):
+            await file_store(path).read()
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 1.0 and not unblocked
+
+
+async def test_a_huge_store_file_is_refused_not_read(tmp_path):
+    path = tmp_path / "token"
+    with open(path, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: 64 MB of zeros that cost no disk
+    with pytest.raises(StoreUnavailable, match="too large"):
+        await file_store(path).read()
