@@ -440,12 +440,12 @@ class RedisBackend:
             await asyncio.wait_for(self._changed.wait(), min(seconds, 0.25 if self._pubsub_ok else POLL_S * 2))
 
     async def close(self) -> None:
+        """Bounded: a Redis that stopped answering does not hold the shutdown."""
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+            await asyncio.wait({self._listener}, timeout=REDIS_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await self._client.aclose()
+            await asyncio.wait_for(self._client.aclose(), REDIS_TIMEOUT_S)
 
     async def _call(self, awaitable: Any) -> Any:
         try:
@@ -512,6 +512,7 @@ class SharedStore:
         self.last_entry: Entry | None = None  # the newest entry read or written (status)
         self.counts = {"reads": 0, "writes": 0, "conflicts": 0, "lease_waits": 0, "errors": 0}
         self.metrics: Any = None  # observability.Metrics, set by the app
+        self._releasing: set[asyncio.Task[None]] = set()  # releases after a failure, in the background
 
     def usable(self) -> bool:
         """Not known to be down, or due for another try."""
@@ -537,12 +538,25 @@ class SharedStore:
         return got
 
     async def release(self) -> None:
+        """Give the lease back. When the store just failed, in the background: the flight (and the requests
+        waiting for it) does not wait another timeout for it; the lease expires on its own if this fails too."""
+        if self.usable():
+            await self._release()
+            return
+        task = asyncio.get_running_loop().create_task(self._release(), name="store-release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self._guard(self.backend.release(self.owner), "release")
 
     async def write(self, entry: Entry, expected: int) -> Entry | None:
         """The entry as written (version ``expected + 1``), or None when the swap was refused (a newer
-        entry, or the lease is no longer ours)."""
+        entry, or the lease is no longer ours). Fails at once, without I/O, while the store is known down
+        (it failed earlier in this renewal: the renewal waits for it once, not once per command)."""
+        if not self.usable():
+            raise StoreUnavailable(self.problem or "the store is unavailable")
         entry = replace(entry, version=expected + 1, writer=self.owner, written_at=self._wall())
         blob = self._sealer.seal(entry)
         done = await self._guard(self.backend.swap(expected, blob, self.owner, self._ttl(entry)), "write")
@@ -557,6 +571,11 @@ class SharedStore:
         await self._guard(self.backend.wait(max(0.0, seconds)), "wait")
 
     async def close(self) -> None:
+        if self._releasing:
+            _, pending = await asyncio.wait(set(self._releasing), timeout=REDIS_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.backend.close()
 

@@ -44,9 +44,8 @@ def redis_server(tmp_path: Path):
 
 def redis_store(url: str, lease_s: float = 3.0, key: str = KEY, **options: Any) -> SharedStore:
     config = StoreConfig(kind="redis", url=url, key=key)
-    return SharedStore(
-        RedisBackend(config, DIGEST), Sealer(key, DIGEST), lease_s=lease_s, retry_s=0.1, retry_cap_s=0.5, **options
-    )
+    options = {"retry_s": 0.1, "retry_cap_s": 0.5, **options}
+    return SharedStore(RedisBackend(config, DIGEST), Sealer(key, DIGEST), lease_s=lease_s, **options)
 
 
 def file_store(path: Path, lease_s: float = 3.0) -> SharedStore:
@@ -320,3 +319,115 @@ async def test_a_huge_store_file_is_refused_not_read(tmp_path):
         f.truncate(64 * 1024 * 1024)  # sparse: 64 MB of zeros that cost no disk
     with pytest.raises(StoreUnavailable, match="too large"):
         await file_store(path).read()
+
+
+# --- outage: a Redis that accepts and never answers -------------------------------------------------------------
+
+
+class Blackhole:
+    """A TCP relay to Redis that can turn into a black hole: connections stay open, bytes go nowhere, nothing
+    comes back (a dead VM behind a live load balancer, a firewall dropping packets)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.swallowing = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Blackhole:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.pumps:
+            task.cancel()
+        await asyncio.gather(*self.pumps, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 0.5)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.append(up_writer)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pump(src, dst))
+            self.pumps.add(task)
+            task.add_done_callback(self.pumps.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                if not self.swallowing:
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
+
+
+async def test_a_blackholed_redis_costs_a_renewal_one_store_timeout_not_three(redis_server):
+    """Redis stops answering right after this process took the lease. The renewal goes on alone; the store's
+    failure is known after the first timed-out command: the write and the release that follow do not wait
+    another REDIS_TIMEOUT_S each."""
+    from proxy.store import REDIS_TIMEOUT_S
+
+    hole = await Blackhole(redis_server.port).start()
+    idp = FakeIdP(lifetime=300.0)
+    store = redis_store(hole.url, retry_s=5.0, retry_cap_s=5.0)
+    original = store.lease
+
+    async def lease_then_blackhole() -> bool:
+        got = await original()
+        hole.swallowing = True
+        return got
+
+    m = manager(idp, store)
+    try:
+        store.lease = lease_then_blackhole  # type: ignore[method-assign]
+        started = time.monotonic()
+        token = await asyncio.wait_for(m.get(), 10)
+        waited = time.monotonic() - started
+        assert token.access_token.startswith("access-")
+        assert waited < REDIS_TIMEOUT_S + 0.5, waited
+        assert m.status()["store"]["state"] == "unavailable"
+    finally:
+        await m.close()
+        await hole.close()
+
+
+async def test_a_redis_that_never_answers_holds_no_request_with_a_token(redis_server):
+    """Blackholed from the start and through renewals: the first request waits one store timeout at most; after
+    it no request waits (renewals happen in the background), none gets an expired token or a 503."""
+    from proxy.store import REDIS_TIMEOUT_S
+
+    hole = await Blackhole(redis_server.port).start()
+    hole.swallowing = True
+    idp = FakeIdP(lifetime=1.0)
+    m = manager(idp, redis_store(hole.url, retry_s=5.0, retry_cap_s=5.0))  # skipped after failing, as in production
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(m.get(), 10)
+        assert time.monotonic() - started < REDIS_TIMEOUT_S + 0.5
+        m.start()
+        slowest = 0.0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            token = await m.get()
+            slowest = max(slowest, time.monotonic() - t0)
+            assert idp.clock() < idp.expiry[token.access_token]
+            await asyncio.sleep(0.02)
+        assert slowest < 0.1, slowest
+        assert len(idp.calls) >= 3  # it renewed meanwhile, alone
+    finally:
+        await m.close()
+        await hole.close()
