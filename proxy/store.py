@@ -74,6 +74,8 @@ REDIS_TIMEOUT_S = 1.0
 # A version is a counter from 1: anything else stored as one (text, a float, a number past what Lua counts
 # exactly) is a damaged entry, never a crash.
 MAX_VERSION = 2**53 - 1
+# A sealed entry is about a kilobyte and a half (two tokens of a few hundred bytes each, base64 and JSON).
+MAX_BLOB_BYTES = 64 * 1024
 # A store file holds a few entries of a few kB: a larger one is not ours (it is never read into memory).
 MAX_FILE_BYTES = 1024 * 1024
 # Entries outlive their last useful moment by this much (then Redis forgets them).
@@ -106,6 +108,7 @@ class Entry:
     rejections: int = 0  # refused logins in a row
     rejected_error: str = ""
     rejected_detail: str = ""
+    store_written_at: float = 0.0  # written_at on the store's clock (redis TIME): readers correct for clock skew
 
     def __repr__(self) -> str:  # never the tokens
         return f"Entry(version={self.version}, writer={self.writer!r}, expires_at={self.expires_at})"
@@ -157,7 +160,14 @@ class Backend(Protocol):
 
     kind: str
 
-    async def load(self) -> tuple[int, bytes] | None: ...
+    async def load(self) -> tuple[int, bytes, float | None] | None:
+        """The stored version, blob, and the store's own clock now (None: the store shares this process's
+        clock: one host)."""
+        ...
+
+    async def clock(self) -> float | None:
+        """The store's own clock (seconds), or None when it shares this process's."""
+        ...
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         """Store ``blob`` as version ``expected + 1`` if the stored version is ``expected`` (0: none) and
@@ -190,14 +200,17 @@ class FileBackend:
         self._lock_fd: int | None = None
         self._seen: tuple[int, int, int] | None = None
 
-    async def load(self) -> tuple[int, bytes] | None:
+    async def load(self) -> tuple[int, bytes, float | None] | None:
         record = self._read_all().get(self._digest)
         if not isinstance(record, dict):
             return None
-        try:
-            return _version(record["version"]), base64.b64decode(record["blob"], validate=True)
+        try:  # one host, one wall clock
+            return _version(record["version"]), base64.b64decode(record["blob"], validate=True), None
         except (KeyError, TypeError, ValueError):
             raise StoreUnavailable(f"the store file {self._path} has a damaged entry") from None
+
+    async def clock(self) -> float | None:
+        return None
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         if self._lock_fd is None:  # only the lease holder writes; the kernel keeps the lock while it lives
@@ -353,6 +366,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[3], ARGV[5])
 return 1
 """
+# KEYS: entry. ARGV: the largest blob read. Returns version, blob and the server's clock now ('' for what is
+# missing; a blob larger than ARGV[1] is not sent: '!').
+_LOAD = """
+local v = redis.call('HGET', KEYS[1], 'v') or ''
+local blob = '!'
+if redis.call('HSTRLEN', KEYS[1], 'blob') <= tonumber(ARGV[1]) then blob = redis.call('HGET', KEYS[1], 'blob') or '' end
+local now = redis.call('TIME')
+return {v, blob, now[1] .. '.' .. string.format('%06d', now[2])}
+"""
 # KEYS: lease, channel. ARGV: owner.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -402,18 +424,24 @@ class RedisBackend:
             self._client = aioredis.from_url(config.url, **options)
         self._swap = self._client.register_script(_SWAP)
         self._release = self._client.register_script(_RELEASE)
+        self._load = self._client.register_script(_LOAD)
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
-    async def load(self) -> tuple[int, bytes] | None:
-        values = await self._call(self._client.hmget(self._entry, "v", "blob"))
-        version, blob = values
-        if version is None or blob is None:
+    async def load(self) -> tuple[int, bytes, float | None] | None:
+        version, blob, now = await self._call(self._load(keys=[self._entry], args=[MAX_BLOB_BYTES]))
+        if not version and not blob:
             return None
+        if blob == b"!":
+            raise StoreUnavailable("redis: the stored entry is damaged (too large)")
         try:
-            return _version(version), bytes(blob)
+            return _version(version), bytes(blob), float(now)
         except ValueError:
             raise StoreUnavailable("redis: the stored entry is damaged (its version is not a counter)") from None
+
+    async def clock(self) -> float | None:
+        seconds, micros = await self._call(self._client.time())
+        return float(seconds) + float(micros) / 1e6
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         ms = int(max(ttl_s, 1.0) * 1000)
@@ -529,8 +557,16 @@ class SharedStore:
         stored = await self.backend.load()
         if stored is None:
             return None
-        version, blob = stored
-        return replace(self._sealer.open(blob, version), version=version)
+        version, blob, store_now = stored
+        entry = replace(self._sealer.open(blob, version), version=version)
+        if store_now is None or not entry.store_written_at:
+            return entry
+        # The writer's times are on its wall clock, which may be seconds off this host's: move them by the
+        # difference, measured as the entry's age on the store's own clock (sealed: not an attacker's to move).
+        # A host 30 s behind would otherwise send tokens for 30 s after they expired; one 30 s ahead would
+        # renew every token it reads.
+        age = max(0.0, store_now - entry.store_written_at)
+        return _shifted(entry, self._wall() - age - entry.written_at)
 
     async def lease(self) -> bool:
         got = bool(await self._guard(self.backend.lease(self.owner, self.lease_s), "lease"))
@@ -557,7 +593,10 @@ class SharedStore:
         (it failed earlier in this renewal: the renewal waits for it once, not once per command)."""
         if not self.usable():
             raise StoreUnavailable(self.problem or "the store is unavailable")
-        entry = replace(entry, version=expected + 1, writer=self.owner, written_at=self._wall())
+        store_now = await self._guard(self.backend.clock(), "write")
+        entry = replace(
+            entry, version=expected + 1, writer=self.owner, written_at=self._wall(), store_written_at=store_now or 0.0
+        )
         blob = self._sealer.seal(entry)
         done = await self._guard(self.backend.swap(expected, blob, self.owner, self._ttl(entry)), "write")
         if not done:
@@ -636,6 +675,23 @@ def open_store(config: StoreConfig, auth: AuthConfig) -> SharedStore | None:
     backend: Backend = FileBackend(config.path, digest) if config.kind == "file" else RedisBackend(config, digest)
     lease_s = config.lease_s or auth.timeout_s + 5.0
     return SharedStore(backend, Sealer(config.key, digest), lease_s=lease_s)
+
+
+def _shifted(entry: Entry, seconds: float) -> Entry:
+    """The entry with its wall-clock times moved by ``seconds`` (zero stays zero: "never")."""
+
+    def move(wall: float) -> float:
+        return wall + seconds if wall else wall
+
+    return replace(
+        entry,
+        written_at=move(entry.written_at),
+        obtained_at=move(entry.obtained_at),
+        expires_at=move(entry.expires_at),
+        refresh_expires_at=None if entry.refresh_expires_at is None else move(entry.refresh_expires_at),
+        login_at=move(entry.login_at),
+        rejected_until=move(entry.rejected_until),
+    )
 
 
 def _version(value: object) -> int:

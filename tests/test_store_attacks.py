@@ -431,3 +431,43 @@ async def test_a_redis_that_never_answers_holds_no_request_with_a_token(redis_se
     finally:
         await m.close()
         await hole.close()
+
+
+# --- clocks that disagree between hosts -------------------------------------------------------------------------
+
+
+def skewed(seconds: float) -> Any:
+    return lambda: time.time() + seconds
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0])
+async def test_a_host_whose_clock_is_off_by_30s_never_sends_an_expired_token_nor_renews_in_a_loop(redis_server, skew):
+    """Entries carry wall-clock times; A's clock is ``skew`` off. Neither A nor B (right clock) sends a token the
+    provider considers expired, and together they renew about as often as one process would."""
+    idp = FakeIdP(lifetime=1.0)
+    a_store = redis_store(redis_server.url, wall_clock=skewed(skew))
+    a = manager(idp, a_store, wall_clock=skewed(skew))
+    b = manager(idp, redis_store(redis_server.url))
+    try:
+        await a.get()  # A writes the first token with its clock
+        a.start()
+        b.start()
+        errors = await traffic([a, b], idp, 1.6)
+    finally:
+        await a.close()
+        await b.close()
+    assert errors["expired token sent"] == 0 and errors["no token"] == 0, (errors, idp.kinds)
+    assert len(idp.calls) <= 1.6 / 0.5 + 2, idp.kinds  # renewed at half-life, not in a loop
+    assert presented_twice(idp) == []
+
+
+async def test_a_huge_blob_in_redis_is_damaged_and_never_fetched(redis_server):
+    client = redis.Redis(port=redis_server.port)
+    client.hset(entry_key(), mapping={"v": b"1", "blob": b"x" * (4 * 1024 * 1024)})
+    store = redis_store(redis_server.url)
+    try:
+        with pytest.raises(StoreUnavailable, match="too large"):
+            await store.read()
+    finally:
+        await store.close()
+        client.close()
