@@ -471,3 +471,66 @@ async def test_a_huge_blob_in_redis_is_damaged_and_never_fetched(redis_server):
     finally:
         await store.close()
         client.close()
+
+
+# --- two fleets, one Redis; secrets -----------------------------------------------------------------------------
+
+
+async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_other(redis_server):
+    """Same credential set, same prefix, another store.key (a second cluster pointed at the same Redis): the
+    second cannot open the first's entry. It renews alone, never overwrites it, never loops."""
+    idp = FakeIdP(lifetime=1.0)
+    first = manager(idp, redis_store(redis_server.url))
+    other_idp = FakeIdP(lifetime=1.0)
+    second_store = redis_store(redis_server.url, key=KEY[::-1])
+    second = manager(other_idp, second_store)
+    try:
+        await first.get()
+        first.start()
+        second.start()
+        errors = await traffic([first, second], idp, 0.1)  # first only: `second` is measured on its own provider
+        second_errors = await traffic([second], other_idp, 1.5)
+        status = second.status()["store"]
+        looker = redis_store(redis_server.url)
+        entry = await looker.read()
+        await looker.close()
+    finally:
+        await first.close()
+        await second.close()
+    assert errors["no token"] == 0 and second_errors["no token"] == 0 and second_errors["expired token sent"] == 0
+    assert status["state"] == "unavailable" and "does not open with this store.key" in status["problem"]
+    assert entry is not None and entry.writer == first._store.owner  # noqa: SLF001 - the first fleet's entry
+    assert len(other_idp.calls) <= 1.6 / 0.5 + 2, other_idp.kinds  # renewed alone at its pace, not in a loop
+
+
+async def test_the_redis_password_never_reaches_a_message_a_log_line_or_the_status(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = RedisServer(tmp_path, password="the-right-one-4").start()
+    try:
+        secrets = ("url-pass-word-77", "acl-pass-word-88")
+        config = StoreConfig(
+            kind="redis", url=f"redis://sidecar:{secrets[0]}@127.0.0.1:{server.port}/0", password=secrets[1], key=KEY
+        )
+        store = SharedStore(RedisBackend(config, DIGEST), Sealer(KEY, DIGEST), lease_s=3.0, retry_s=0.0)
+        idp = FakeIdP(lifetime=300.0)
+        m = manager(idp, store)
+        messages = []
+        for op in (store.read(), store.lease()):
+            with pytest.raises(StoreUnavailable) as info:
+                await op
+            messages.append(str(info.value))
+        await m.get()  # alone
+        status = json.dumps(m.status())
+        await m.close()
+        server.stop()  # refused now: another error text
+        down = SharedStore(RedisBackend(config, DIGEST), Sealer(KEY, DIGEST), lease_s=3.0)
+        with pytest.raises(StoreUnavailable) as info:
+            await down.read()
+        messages.append(str(info.value))
+        await down.close()
+    finally:
+        server.stop()
+    seen = "\n".join(messages) + status + "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+    for secret in (*secrets, KEY, "the-right-one-4"):
+        assert secret not in seen
+    assert "redis: AuthenticationError" in messages[0] or "redis:" in messages[0], messages
