@@ -397,10 +397,18 @@ class RedisBackend:
         self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError, TimeoutError)
         tag = f"{config.prefix}:{{{digest}}}"  # one hash slot for all three (Cluster)
         self._entry, self._lease, self._channel = f"{tag}:entry", f"{tag}:lease", f"{tag}:changed"
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
         options: dict[str, Any] = {
             "socket_timeout": REDIS_TIMEOUT_S,
             "socket_connect_timeout": REDIS_TIMEOUT_S,
             "health_check_interval": 15,
+            # A pooled connection to a Redis that restarted fails once: reconnect at once, once (a restart costs
+            # no write, so the holder's token reaches the new entry). A timeout is not retried: it already
+            # waited REDIS_TIMEOUT_S.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         }
         if config.username:
             options["username"] = config.username

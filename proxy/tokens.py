@@ -641,6 +641,11 @@ class TokenManager:
             )
         try:
             written = await store.write(entry, self._seen)
+            if written is None and self._seen and await store.read() is None and await store.lease():
+                # The entry this renewal started from is gone, and nothing replaced it (Redis restarted empty):
+                # what this process just got is the fleet's newest token; the store vouches for it again, so
+                # nobody presents the refresh token this renewal spent.
+                written = await store.write(entry, 0)
         except StoreUnavailable:
             return
         if written is None:

@@ -534,3 +534,34 @@ async def test_the_redis_password_never_reaches_a_message_a_log_line_or_the_stat
     for secret in (*secrets, KEY, "the-right-one-4"):
         assert secret not in seen
     assert "redis: AuthenticationError" in messages[0] or "redis:" in messages[0], messages
+
+
+async def test_redis_restarted_empty_mid_refresh_the_holder_writes_its_token_again(redis_server):
+    """A presents the refresh token; Redis restarts empty (no persistence) while the provider answers. A's
+    write is refused (the version it read is gone), but the store holds nothing newer: A writes its token as
+    the new entry, so B, renewing later, takes it instead of presenting the spent refresh token (a
+    refresh_token grant has no login to fall back on)."""
+    idp = FakeIdP(lifetime=LIFETIME, refresh_lifetime=600.0, grant_type="refresh_token")
+    a = manager(idp, redis_store(redis_server.url))
+    b = manager(idp, redis_store(redis_server.url), margin=0.5)
+    try:
+        await a.get()
+        await b.get()
+        idp.gate = asyncio.Event()
+        a.start()
+        b.start()
+        for _ in range(200):  # A's scheduled refresh reaches the provider and hangs there
+            if idp.kinds == ["login", "refresh"]:
+                break
+            await asyncio.sleep(0.01)
+        assert idp.kinds == ["login", "refresh"]
+        redis_server.stop()
+        redis_server.start()
+        idp.gate.set()
+        idp.gate = None
+        errors = await traffic([a, b], idp, 1.2)
+    finally:
+        await a.close()
+        await b.close()
+    assert presented_twice(idp) == [], idp.calls
+    assert errors["expired token sent"] == 0, errors
