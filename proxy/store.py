@@ -375,6 +375,13 @@ if redis.call('HSTRLEN', KEYS[1], 'blob') <= tonumber(ARGV[1]) then blob = redis
 local now = redis.call('TIME')
 return {v, blob, now[1] .. '.' .. string.format('%06d', now[2])}
 """
+# KEYS: lease. ARGV: owner, ttl ms. A lease key without an expiry was not set by a sidecar (they always
+# expire): it is given one, so that a key set by hand (or a restored dump) does not stop the fleet for good.
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 # KEYS: lease, channel. ARGV: owner.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -433,6 +440,7 @@ class RedisBackend:
         self._swap = self._client.register_script(_SWAP)
         self._release = self._client.register_script(_RELEASE)
         self._load = self._client.register_script(_LOAD)
+        self._take_lease = self._client.register_script(_LEASE)
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
@@ -462,8 +470,8 @@ class RedisBackend:
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
         self._listen()
-        got = await self._call(self._client.set(self._lease, owner, nx=True, px=int(ttl_s * 1000)))
-        return bool(got)
+        got = await self._call(self._take_lease(keys=[self._lease], args=[owner, max(1, int(ttl_s * 1000))]))
+        return got == 1
 
     async def release(self, owner: str) -> None:
         await self._call(self._release(keys=[self._lease, self._channel], args=[owner]))

@@ -565,3 +565,28 @@ async def test_redis_restarted_empty_mid_refresh_the_holder_writes_its_token_aga
         await b.close()
     assert presented_twice(idp) == [], idp.calls
     assert errors["expired token sent"] == 0, errors
+
+
+@pytest.mark.parametrize("kind", ["string", "hash"])
+async def test_a_lease_key_holding_garbage_forever_does_not_stop_the_fleet(redis_server, kind):
+    """Someone sets the lease key by hand (no expiry; or as a hash). Waiting out one lease, the fleet renews:
+    a lease without an expiry is not one a sidecar took (they always expire), so it is given one."""
+    client = redis.Redis(port=redis_server.port)
+    if kind == "string":
+        client.set(lease_key(), b"garbage-owner")
+    else:
+        client.hset(lease_key(), mapping={"x": b"y"})
+    idp = FakeIdP(lifetime=300.0)
+    m = manager(idp, redis_store(redis_server.url, lease_s=0.3))
+    try:
+        token = None
+        deadline = time.monotonic() + 3.0
+        while token is None and time.monotonic() < deadline:
+            with contextlib.suppress(NoToken):
+                token = await m.get()
+            await asyncio.sleep(0.05)
+        assert token is not None, m.reason()
+        assert m.status()["store"]["state"] == "available"
+    finally:
+        await m.close()
+        client.close()
