@@ -590,3 +590,27 @@ async def test_a_lease_key_holding_garbage_forever_does_not_stop_the_fleet(redis
     finally:
         await m.close()
         client.close()
+
+
+# --- configuration that redis-py would refuse at start (a traceback, not exit 2) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("store", "key"),
+    [
+        ({"url": "redis://mymaster", "mode": "sentinel", "sentinels": ["s1:abc"]}, "store.sentinels"),
+        ({"url": "redis://mymaster", "mode": "sentinel", "sentinels": [":26379"]}, "store.sentinels"),
+        ({"url": "unix://:url-pass-word-5@/tmp/x.sock?db=zz"}, "store.url"),
+        ({"url": "redis://:url-pass-word-5@127.0.0.1:6379/0?socket_timeout=abc"}, "store.url"),
+    ],
+)
+def test_a_store_url_or_sentinel_redis_would_refuse_is_a_config_error(store, key):
+    from proxy.config import config_from_mapping
+    from proxy.errors import ConfigError
+
+    auth = {"provider": "keycloak", "token_url": "http://127.0.0.1:1/token", "client_id": "c", "username": "u"}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(
+            {"upstream": {"url": "http://127.0.0.1:2"}, "auth": {**auth, "password": "p"}, "store": {"kind": "redis", "key": KEY, **store}}
+        )
+    assert info.value.key == key and "url-pass-word-5" not in str(info.value)
