@@ -5,15 +5,10 @@ answers, clocks that disagree between hosts. Real redis-server, real files, real
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
-import resource
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -28,7 +23,7 @@ from proxy.errors import NoToken
 from proxy.store import FileBackend, RedisBackend, Sealer, SharedStore, StoreUnavailable
 from proxy.tokens import TokenManager
 from tests.fakes.idp import SECRET_MARK, FakeIdP
-from tests.fakes.redis_server import RedisServer, free_port
+from tests.fakes.redis_server import RedisServer
 
 KEY = "attack-store-key-0123456789-abcdefghijkl"
 DIGEST = "a" * 24
@@ -49,7 +44,9 @@ def redis_store(url: str, lease_s: float = 3.0, key: str = KEY, **options: Any) 
 
 
 def file_store(path: Path, lease_s: float = 3.0) -> SharedStore:
-    return SharedStore(FileBackend(str(path), DIGEST), Sealer(KEY, DIGEST), lease_s=lease_s, retry_s=0.1, retry_cap_s=0.5)
+    return SharedStore(
+        FileBackend(str(path), DIGEST), Sealer(KEY, DIGEST), lease_s=lease_s, retry_s=0.1, retry_cap_s=0.5
+    )
 
 
 def manager(idp: FakeIdP, store: SharedStore | None, margin: float = 60.0, **options: Any) -> TokenManager:
@@ -273,14 +270,21 @@ async def test_a_full_disk_never_leaves_a_damaged_store_file(tmp_path):
     assert await first.write(sealed_entry(subject="before"), 0) is not None
     await first.close()
     limit = path.stat().st_size + 100  # room for a little, not for the new entry
-    child = subprocess.run(
-        [sys.executable, "-c", FULL_DISK_WRITER, str(path), str(limit), DIGEST, KEY],
-        capture_output=True,
-        timeout=20,
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        FULL_DISK_WRITER,
+        str(path),
+        str(limit),
+        DIGEST,
+        KEY,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         cwd=Path(__file__).parent.parent,
     )
-    assert child.returncode == 0, child.stderr.decode()[-2000:]
-    assert child.stdout.decode().startswith("unavailable:"), child.stdout
+    stdout, stderr = await asyncio.wait_for(child.communicate(), 20)
+    assert child.returncode == 0, stderr.decode()[-2000:]
+    assert stdout.decode().startswith("unavailable:"), stdout
     read = await file_store(path).read()  # not "not an oauth-sidecar store"
     assert read is not None and read.subject == "before"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftover temporary file
@@ -315,8 +319,8 @@ async def test_a_store_file_replaced_by_a_fifo_never_blocks_the_event_loop(tmp_p
 
 async def test_a_huge_store_file_is_refused_not_read(tmp_path):
     path = tmp_path / "token"
-    with open(path, "wb") as f:
-        f.truncate(64 * 1024 * 1024)  # sparse: 64 MB of zeros that cost no disk
+    path.touch()
+    os.truncate(path, 64 * 1024 * 1024)  # sparse: 64 MB of zeros that cost no disk
     with pytest.raises(StoreUnavailable, match="too large"):
         await file_store(path).read()
 
@@ -499,7 +503,7 @@ async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_
         await second.close()
     assert errors["no token"] == 0 and second_errors["no token"] == 0 and second_errors["expired token sent"] == 0
     assert status["state"] == "unavailable" and "does not open with this store.key" in status["problem"]
-    assert entry is not None and entry.writer == first._store.owner  # noqa: SLF001 - the first fleet's entry
+    assert entry is not None and entry.writer == first._store.owner
     assert len(other_idp.calls) <= 1.1 / 0.5 + 2, other_idp.kinds  # renewed alone at its pace, not in a loop
 
 
@@ -530,7 +534,11 @@ async def test_the_redis_password_never_reaches_a_message_a_log_line_or_the_stat
         await down.close()
     finally:
         server.stop()
-    seen = "\n".join(messages) + status + "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+    seen = (
+        "\n".join(messages)
+        + status
+        + "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+    )
     for secret in (*secrets, KEY, "the-right-one-4"):
         assert secret not in seen
     assert "redis: AuthenticationError" in messages[0] or "redis:" in messages[0], messages
@@ -611,7 +619,10 @@ def test_a_store_url_or_sentinel_redis_would_refuse_is_a_config_error(store, key
     auth = {"provider": "keycloak", "token_url": "http://127.0.0.1:1/token", "client_id": "c", "username": "u"}
     with pytest.raises(ConfigError) as info:
         config_from_mapping(
-            {"upstream": {"url": "http://127.0.0.1:2"}, "auth": {**auth, "password": "p"}, "store": {"kind": "redis", "key": KEY, **store}}
+            {
+                "upstream": {"url": "http://127.0.0.1:2"},
+                "auth": {**auth, "password": "p"},
+                "store": {"kind": "redis", "key": KEY, **store},
+            }
         )
     assert info.value.key == key and "url-pass-word-5" not in str(info.value)
-
