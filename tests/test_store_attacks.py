@@ -626,3 +626,34 @@ def test_a_store_url_or_sentinel_redis_would_refuse_is_a_config_error(store, key
             }
         )
     assert info.value.key == key and "url-pass-word-5" not in str(info.value)
+
+
+async def test_a_refresh_that_timed_out_is_not_presented_again_by_another_replica(redis_server):
+    """A's refresh times out (the provider may have used the refresh token: its claim stays); B, renewing
+    next, logs in instead of presenting it. After a 503 (answered without using it) the claim is lifted and B
+    refreshes with it."""
+    from proxy.errors import TokenUnavailable
+
+    for failure, b_renews_with in (
+        (TokenUnavailable("token endpoint timed out", reason="timeout"), "login"),
+        (TokenUnavailable("token endpoint answered 503", reason="server_error"), "refresh"),
+    ):
+        with redis.Redis(port=redis_server.port) as client:
+            client.flushall()
+        idp = FakeIdP(lifetime=1.5, refresh_lifetime=600.0)
+        a = TokenManager(
+            idp, refresh_margin_s=60.0, store=redis_store(redis_server.url), transient_backoff=lambda *x: 5.0
+        )
+        b = manager(idp, redis_store(redis_server.url), margin=0.4)  # A renews at 0.75 s, B at 1.1 s
+        try:
+            await a.get()
+            await b.get()
+            idp.outcomes = [failure]
+            a.start()
+            b.start()
+            errors = await traffic([a, b], idp, 1.3)
+        finally:
+            await a.close()
+            await b.close()
+        assert idp.kinds[:3] == ["login", "refresh", b_renews_with], (failure.reason, idp.calls)
+        assert errors["expired token sent"] == 0 and errors["no token"] == 0, errors
