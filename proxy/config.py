@@ -742,7 +742,9 @@ def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> N
         try:
             parse_url(url)
         except ValueError:  # redis-py's message is not quoted: the URL may carry a password
-            raise fail("store", "url", "redis does not accept it (check its database number and query parameters)") from None
+            raise fail(
+                "store", "url", "redis does not accept it (check its database number and query parameters)"
+            ) from None
         if store["ca_file"] and not Path(store["ca_file"]).is_file():
             raise fail("store", "ca_file", f"no such file: {store['ca_file']!r}")
     if len(store["key"]) < MIN_STORE_KEY_CHARS:
