@@ -824,6 +824,20 @@ def _validate_store(store: dict[str, Any], auth: dict[str, Any], fail: Any) -> N
         _check_strings(store, "store", "sentinels", fail)
         if store["mode"] == "sentinel" and not store["sentinels"]:
             raise fail("store", "sentinels", "required for mode sentinel: host:port of each sentinel")
+        for sentinel in store["sentinels"]:  # host:port (the port defaults to 26379)
+            host, colon, port = sentinel.rpartition(":")
+            if not colon:
+                host, port = sentinel, "26379"
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise fail("store", "sentinels", f"each must be host:port, got {sentinel!r}")
+        from redis.asyncio.connection import parse_url  # redis is only needed for kind redis
+
+        try:
+            parse_url(url)
+        except ValueError:  # redis-py's message is not quoted: the URL may carry a password
+            raise fail(
+                "store", "url", "redis does not accept it (check its database number and query parameters)"
+            ) from None
         if store["ca_file"] and not Path(store["ca_file"]).is_file():
             raise fail("store", "ca_file", f"no such file: {store['ca_file']!r}")
     if len(store["key"]) < MIN_STORE_KEY_CHARS:

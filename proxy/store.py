@@ -45,6 +45,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -70,6 +71,13 @@ RETRY_S = 1.0
 RETRY_CAP_S = 30.0
 # Redis commands fail fast: a request waits for the store no longer than this per command.
 REDIS_TIMEOUT_S = 1.0
+# A version is a counter from 1: anything else stored as one (text, a float, a number past what Lua counts
+# exactly) is a damaged entry, never a crash.
+MAX_VERSION = 2**53 - 1
+# A sealed entry is about a kilobyte and a half (two tokens of a few hundred bytes each, base64 and JSON).
+MAX_BLOB_BYTES = 64 * 1024
+# A store file holds a few entries of a few kB: a larger one is not ours (it is never read into memory).
+MAX_FILE_BYTES = 1024 * 1024
 # Entries outlive their last useful moment by this much (then Redis forgets them).
 ENTRY_SLACK_S = 60.0
 ENTRY_MIN_TTL_S = 300.0
@@ -100,6 +108,7 @@ class Entry:
     rejections: int = 0  # refused logins in a row
     rejected_error: str = ""
     rejected_detail: str = ""
+    store_written_at: float = 0.0  # written_at on the store's clock (redis TIME): readers correct for clock skew
 
     def __repr__(self) -> str:  # never the tokens
         return f"Entry(version={self.version}, writer={self.writer!r}, expires_at={self.expires_at})"
@@ -151,7 +160,14 @@ class Backend(Protocol):
 
     kind: str
 
-    async def load(self) -> tuple[int, bytes] | None: ...
+    async def load(self) -> tuple[int, bytes, float | None] | None:
+        """The stored version, blob, and the store's own clock now (None: the store shares this process's
+        clock: one host)."""
+        ...
+
+    async def clock(self) -> float | None:
+        """The store's own clock (seconds), or None when it shares this process's."""
+        ...
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         """Store ``blob`` as version ``expected + 1`` if the stored version is ``expected`` (0: none) and
@@ -184,21 +200,30 @@ class FileBackend:
         self._lock_fd: int | None = None
         self._seen: tuple[int, int, int] | None = None
 
-    async def load(self) -> tuple[int, bytes] | None:
+    async def load(self) -> tuple[int, bytes, float | None] | None:
         record = self._read_all().get(self._digest)
         if not isinstance(record, dict):
             return None
-        try:
-            return int(record["version"]), base64.b64decode(record["blob"], validate=True)
+        try:  # one host, one wall clock
+            return _version(record["version"]), base64.b64decode(record["blob"], validate=True), None
         except (KeyError, TypeError, ValueError):
             raise StoreUnavailable(f"the store file {self._path} has a damaged entry") from None
+
+    async def clock(self) -> float | None:
+        return None
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         if self._lock_fd is None:  # only the lease holder writes; the kernel keeps the lock while it lives
             return False
+        if not self._lock_is_current(self._lock_fd):  # the lock file was deleted or replaced: another may hold it
+            await self.release(owner)
+            return False
         entries = self._read_all()
         record = entries.get(self._digest)
-        current = int(record["version"]) if isinstance(record, dict) and "version" in record else 0
+        try:
+            current = _version(record["version"]) if isinstance(record, dict) and "version" in record else 0
+        except ValueError:
+            raise StoreUnavailable(f"the store file {self._path} has a damaged entry") from None
         if current != expected:
             return False
         entries[self._digest] = {"version": expected + 1, "blob": base64.b64encode(blob).decode()}
@@ -207,7 +232,9 @@ class FileBackend:
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
         if self._lock_fd is not None:
-            return True
+            if self._lock_is_current(self._lock_fd):
+                return True
+            await self.release(owner)  # a lock on a file that was deleted or replaced: take the new one
         try:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -219,8 +246,20 @@ class FileBackend:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
             raise StoreUnavailable(f"cannot lock {self._lock_path} ({exc.strerror})") from None
+        if not self._lock_is_current(fd):  # unlinked between open and flock: a lock nobody else sees
+            os.close(fd)
+            return False
         self._lock_fd = fd
         return True
+
+    def _lock_is_current(self, fd: int) -> bool:
+        """The locked file is still the one at the lock path (a lock on a deleted or replaced file excludes
+        nobody: the next process locks the new file)."""
+        try:
+            held, current = os.fstat(fd), os.stat(self._lock_path)
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     async def release(self, owner: str) -> None:
         fd, self._lock_fd = self._lock_fd, None
@@ -262,7 +301,7 @@ class FileBackend:
 
     def _read_all(self) -> dict[str, Any]:
         try:
-            text = self._path.read_bytes()
+            text = self._read_file()
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -276,6 +315,25 @@ class FileBackend:
         entries: dict[str, Any] = data["entries"]
         return entries
 
+    def _read_file(self) -> bytes:
+        """The file's bytes, read in the event loop: so only a small regular file (a named pipe would wait for
+        a writer forever, non-blocking opens it at once; a huge file would take seconds)."""
+        fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreUnavailable(f"the store file {self._path} is not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise StoreUnavailable(f"the store file {self._path} is too large for an oauth-sidecar store")
+            chunks = []
+            while chunk := os.read(fd, MAX_FILE_BYTES + 1):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_FILE_BYTES:  # it grew while being read
+                    raise StoreUnavailable(f"the store file {self._path} is too large for an oauth-sidecar store")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def _write_all(self, entries: dict[str, Any]) -> None:
         """Atomically: a new file (0600) beside the old one, synced, renamed over it."""
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -283,7 +341,9 @@ class FileBackend:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # a full disk makes a write short before it fails: never rename a truncated file
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -296,15 +356,31 @@ class FileBackend:
 
 # --- the redis backend -----------------------------------------------------------------------------
 
-# KEYS: entry, lease, channel. ARGV: expected version, blob, owner, ttl ms.
+# KEYS: entry, lease, channel. ARGV: expected version, blob, owner, ttl ms, the new version (compared and
+# written as text: Lua's numbers would turn a large counter into "1e+14").
 _SWAP = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if current ~= tonumber(ARGV[1]) then return 0 end
+if (redis.call('HGET', KEYS[1], 'v') or '0') ~= ARGV[1] then return 0 end
 if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-redis.call('HSET', KEYS[1], 'v', current + 1, 'blob', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[5], 'blob', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', KEYS[3], current + 1)
+redis.call('PUBLISH', KEYS[3], ARGV[5])
 return 1
+"""
+# KEYS: entry. ARGV: the largest blob read. Returns version, blob and the server's clock now ('' for what is
+# missing; a blob larger than ARGV[1] is not sent: '!').
+_LOAD = """
+local v = redis.call('HGET', KEYS[1], 'v') or ''
+local blob = '!'
+if redis.call('HSTRLEN', KEYS[1], 'blob') <= tonumber(ARGV[1]) then blob = redis.call('HGET', KEYS[1], 'blob') or '' end
+local now = redis.call('TIME')
+return {v, blob, now[1] .. '.' .. string.format('%06d', now[2])}
+"""
+# KEYS: lease. ARGV: owner, ttl ms. A lease key without an expiry was not set by a sidecar (they always
+# expire): it is given one, so that a key set by hand (or a restored dump) does not stop the fleet for good.
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 # KEYS: lease, channel. ARGV: owner.
 _RELEASE = """
@@ -328,10 +404,18 @@ class RedisBackend:
         self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError, TimeoutError)
         tag = f"{config.prefix}:{{{digest}}}"  # one hash slot for all three (Cluster)
         self._entry, self._lease, self._channel = f"{tag}:entry", f"{tag}:lease", f"{tag}:changed"
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
         options: dict[str, Any] = {
             "socket_timeout": REDIS_TIMEOUT_S,
             "socket_connect_timeout": REDIS_TIMEOUT_S,
             "health_check_interval": 15,
+            # A pooled connection to a Redis that restarted fails once: reconnect at once, once (a restart costs
+            # no write, so the holder's token reaches the new entry). A timeout is not retried: it already
+            # waited REDIS_TIMEOUT_S.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         }
         if config.username:
             options["username"] = config.username
@@ -357,27 +441,39 @@ class RedisBackend:
             self._client = aioredis.from_url(config.url, **options)
         self._swap = self._client.register_script(_SWAP)
         self._release = self._client.register_script(_RELEASE)
+        self._load = self._client.register_script(_LOAD)
+        self._take_lease = self._client.register_script(_LEASE)
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
-    async def load(self) -> tuple[int, bytes] | None:
-        values = await self._call(self._client.hmget(self._entry, "v", "blob"))
-        version, blob = values
-        if version is None or blob is None:
+    async def load(self) -> tuple[int, bytes, float | None] | None:
+        version, blob, now = await self._call(self._load(keys=[self._entry], args=[MAX_BLOB_BYTES]))
+        if not version and not blob:
             return None
-        return int(version), bytes(blob)
+        if blob == b"!":
+            raise StoreUnavailable("redis: the stored entry is damaged (too large)")
+        try:
+            return _version(version), bytes(blob), float(now)
+        except ValueError:
+            raise StoreUnavailable("redis: the stored entry is damaged (its version is not a counter)") from None
+
+    async def clock(self) -> float | None:
+        seconds, micros = await self._call(self._client.time())
+        return float(seconds) + float(micros) / 1e6
 
     async def swap(self, expected: int, blob: bytes, owner: str, ttl_s: float) -> bool:
         ms = int(max(ttl_s, 1.0) * 1000)
         done = await self._call(
-            self._swap(keys=[self._entry, self._lease, self._channel], args=[expected, blob, owner, ms])
+            self._swap(
+                keys=[self._entry, self._lease, self._channel], args=[str(expected), blob, owner, ms, str(expected + 1)]
+            )
         )
         return bool(done == 1)
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
         self._listen()
-        got = await self._call(self._client.set(self._lease, owner, nx=True, px=int(ttl_s * 1000)))
-        return bool(got)
+        got = await self._call(self._take_lease(keys=[self._lease], args=[owner, max(1, int(ttl_s * 1000))]))
+        return got == 1
 
     async def release(self, owner: str) -> None:
         await self._call(self._release(keys=[self._lease, self._channel], args=[owner]))
@@ -390,15 +486,15 @@ class RedisBackend:
             await asyncio.wait_for(self._changed.wait(), min(seconds, 0.25 if self._pubsub_ok else POLL_S * 2))
 
     async def close(self) -> None:
+        """Bounded: a Redis that stopped answering does not hold the shutdown."""
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+            await asyncio.wait({self._listener}, timeout=REDIS_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await self._client.aclose()
+            await asyncio.wait_for(self._client.aclose(), REDIS_TIMEOUT_S)
         for sentinel in self._sentinel.sentinels if self._sentinel is not None else ():
             with contextlib.suppress(Exception):
-                await sentinel.aclose()
+                await asyncio.wait_for(sentinel.aclose(), REDIS_TIMEOUT_S)
 
     async def _call(self, awaitable: Any) -> Any:
         try:
@@ -465,6 +561,7 @@ class SharedStore:
         self.last_entry: Entry | None = None  # the newest entry read or written (status)
         self.counts = {"reads": 0, "writes": 0, "conflicts": 0, "lease_waits": 0, "errors": 0}
         self.metrics: Any = None  # observability.Metrics, set by the app
+        self._releasing: set[asyncio.Task[None]] = set()  # releases after a failure, in the background
 
     def usable(self) -> bool:
         """Not known to be down, or due for another try."""
@@ -481,8 +578,16 @@ class SharedStore:
         stored = await self.backend.load()
         if stored is None:
             return None
-        version, blob = stored
-        return replace(self._sealer.open(blob, version), version=version)
+        version, blob, store_now = stored
+        entry = replace(self._sealer.open(blob, version), version=version)
+        if store_now is None or not entry.store_written_at:
+            return entry
+        # The writer's times are on its wall clock, which may be seconds off this host's: move them by the
+        # difference, measured as the entry's age on the store's own clock (sealed: not an attacker's to move).
+        # A host 30 s behind would otherwise send tokens for 30 s after they expired; one 30 s ahead would
+        # renew every token it reads.
+        age = max(0.0, store_now - entry.store_written_at)
+        return _shifted(entry, self._wall() - age - entry.written_at)
 
     async def lease(self) -> bool:
         got = bool(await self._guard(self.backend.lease(self.owner, self.lease_s), "lease"))
@@ -490,13 +595,29 @@ class SharedStore:
         return got
 
     async def release(self) -> None:
+        """Give the lease back. When the store just failed, in the background: the flight (and the requests
+        waiting for it) does not wait another timeout for it; the lease expires on its own if this fails too."""
+        if self.usable():
+            await self._release()
+            return
+        task = asyncio.get_running_loop().create_task(self._release(), name="store-release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self._guard(self.backend.release(self.owner), "release")
 
     async def write(self, entry: Entry, expected: int) -> Entry | None:
         """The entry as written (version ``expected + 1``), or None when the swap was refused (a newer
-        entry, or the lease is no longer ours)."""
-        entry = replace(entry, version=expected + 1, writer=self.owner, written_at=self._wall())
+        entry, or the lease is no longer ours). Fails at once, without I/O, while the store is known down
+        (it failed earlier in this renewal: the renewal waits for it once, not once per command)."""
+        if not self.usable():
+            raise StoreUnavailable(self.problem or "the store is unavailable")
+        store_now = await self._guard(self.backend.clock(), "write")
+        entry = replace(
+            entry, version=expected + 1, writer=self.owner, written_at=self._wall(), store_written_at=store_now or 0.0
+        )
         blob = self._sealer.seal(entry)
         done = await self._guard(self.backend.swap(expected, blob, self.owner, self._ttl(entry)), "write")
         if not done:
@@ -510,6 +631,11 @@ class SharedStore:
         await self._guard(self.backend.wait(max(0.0, seconds)), "wait")
 
     async def close(self) -> None:
+        if self._releasing:
+            _, pending = await asyncio.wait(set(self._releasing), timeout=REDIS_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.backend.close()
 
@@ -570,6 +696,34 @@ def open_store(config: StoreConfig, auth: AuthConfig) -> SharedStore | None:
     backend: Backend = FileBackend(config.path, digest) if config.kind == "file" else RedisBackend(config, digest)
     lease_s = config.lease_s or auth.timeout_s + 5.0
     return SharedStore(backend, Sealer(config.key, digest), lease_s=lease_s)
+
+
+def _shifted(entry: Entry, seconds: float) -> Entry:
+    """The entry with its wall-clock times moved by ``seconds`` (zero stays zero: "never")."""
+
+    def move(wall: float) -> float:
+        return wall + seconds if wall else wall
+
+    return replace(
+        entry,
+        written_at=move(entry.written_at),
+        obtained_at=move(entry.obtained_at),
+        expires_at=move(entry.expires_at),
+        refresh_expires_at=None if entry.refresh_expires_at is None else move(entry.refresh_expires_at),
+        login_at=move(entry.login_at),
+        rejected_until=move(entry.rejected_until),
+    )
+
+
+def _version(value: object) -> int:
+    """A stored version: a counter (an int, or its decimal digits as text or bytes), else ValueError."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        value = int(value)
+    if type(value) is not int or not 0 < value <= MAX_VERSION:
+        raise ValueError("not a version")
+    return value
 
 
 def _iso(wall: float) -> str:

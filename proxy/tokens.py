@@ -482,7 +482,7 @@ class TokenManager:
         process kept the lease for longer than one lives."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + store.lease_s
-        waited = False
+        waited = relooked = False
         while True:
             if self._take(await store.read(), rejected):
                 return True
@@ -492,8 +492,17 @@ class TokenManager:
                 if self._take(entry, rejected):
                     return True
                 self._take_stale(entry, rejected)
-                await self._claim(store, entry)
-                return False
+                if await self._claim(store, entry):
+                    return False
+                # The claim was refused: the lease expired while this process was paused, and another holder
+                # may be presenting that refresh token now. Never present it too: look again, as a waiter of
+                # that holder's lease (once; a second refusal is another lease lost: renewing waits).
+                self._leased = False
+                await store.release()
+                if not relooked:
+                    relooked = True
+                    deadline = max(deadline, loop.time() + store.lease_s)
+                    continue
             if not waited:
                 waited = True
                 event("store.lease_wait", level=logging.DEBUG, kind=store.kind)
@@ -587,13 +596,14 @@ class TokenManager:
         login_at = now - (self._wall() - entry.login_at) if entry.login_at else -math.inf
         self._lc = state.on_fleet_seen(self._lc, rejections=entry.rejections, login_ended_at=login_at)
 
-    async def _claim(self, store: SharedStore, entry: Entry | None) -> None:
+    async def _claim(self, store: SharedStore, entry: Entry | None) -> bool:
         """Before presenting a refresh token: mark it claimed in the store, so that if this process dies
         with the answer, the next holder does not present it again. A claim left by another process on
-        the refresh token held makes this one log in instead (where the grant can)."""
+        the refresh token held makes this one log in instead (where the grant can). False when the claim
+        was refused (the lease is no longer this process's): then nothing may be presented."""
         lc = self._lc
         if state.choose_renewal(lc, self._clock()) is not state.Event.REFRESH or lc.token is None:
-            return
+            return True
         held = lc.token.refresh_token
         claimed = entry is not None and entry.refresh_token == held and entry.refresh_claimed not in ("", store.owner)
         # A refresh token the fleet shared that the store no longer holds (Redis restarted empty, or moved on
@@ -604,12 +614,13 @@ class TokenManager:
             by = entry.refresh_claimed if claimed and entry is not None else "the store no longer holds it"
             event("store.refresh_in_doubt", level=logging.WARNING, claimed_by=by)
             if self._lc.refresh_refused:
-                return
+                return True
         written = await store.write(replace(self._entry_of(entry), refresh_claimed=store.owner), self._seen)
         if written is None:
             self._lease_lost(store)
-        else:
-            self._seen = written.version
+            return False
+        self._seen = written.version
+        return True
 
     async def _publish(self, rejection: TokenRejected | None = None) -> None:
         """Holding the lease: write what this renewal got (a token, or the refusal) for the fleet."""
@@ -630,6 +641,11 @@ class TokenManager:
             )
         try:
             written = await store.write(entry, self._seen)
+            if written is None and self._seen and await store.read() is None and await store.lease():
+                # The entry this renewal started from is gone, and nothing replaced it (Redis restarted empty):
+                # what this process just got is the fleet's newest token; the store vouches for it again, so
+                # nobody presents the refresh token this renewal spent.
+                written = await store.write(entry, 0)
         except StoreUnavailable:
             return
         if written is None:
