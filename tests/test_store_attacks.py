@@ -25,6 +25,10 @@ from proxy.tokens import TokenManager
 from tests.fakes.idp import SECRET_MARK, FakeIdP
 from tests.fakes.redis_server import RedisServer
 
+# slow: a real Redis, real leases and 1-2 s tokens: most cases wait a second or two of real time
+pytestmark = pytest.mark.slow
+
+
 KEY = "attack-store-key-0123456789-abcdefghijkl"
 DIGEST = "a" * 24
 LIFETIME = 2.0
@@ -246,8 +250,6 @@ FULL_DISK_WRITER = """
 import asyncio, resource, signal, sys, time
 from proxy.store import Entry, FileBackend, Sealer, SharedStore, StoreUnavailable
 
-# slow: a real Redis, real leases and 1-2 s tokens: most cases wait a second or two of real time
-pytestmark = pytest.mark.slow
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
 async def main():
