@@ -69,13 +69,13 @@ class Fleet:
         for manager in self.managers:
             await manager.close()
 
-    async def traffic(self, seconds: float) -> None:
-        """Every manager serves a request every 20 ms for ``seconds``; a token that reaches a request
-        must not have expired by the provider's reckoning."""
+    async def traffic(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Every manager serves a request every 20 ms for ``seconds`` (or until ``until`` is set); a token
+        that reaches a request must not have expired by the provider's reckoning."""
         deadline = time.monotonic() + seconds
 
         async def one(manager: TokenManager) -> None:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (until is not None and until.is_set()):
                 try:
                     token = await manager.get()
                 except NoToken as exc:
@@ -178,10 +178,14 @@ async def test_redis_down_for_a_while_fails_no_request_and_the_fleet_converges_a
             states = {m.status()["store"]["state"] for m in fleet.managers}
             return states == {"available"} and len(set(held)) == 1 and None not in held
 
-        traffic = asyncio.create_task(fleet.traffic(3 * LIFETIME))
+        done = asyncio.Event()
+        traffic = asyncio.create_task(fleet.traffic(3 * LIFETIME, until=done))
         # One token lifetime after Redis is back, give or take the scheduling of a loaded 2-core machine.
         assert await wait_until(converged, 2 * LIFETIME), [m.status()["store"] for m in fleet.managers]
         converged_after = time.monotonic() - back
+        await asyncio.sleep(0.5)  # and it stays so for a while
+        assert converged()
+        done.set()
         await traffic
     assert fleet.errors == Counter()
     assert converged_after <= 2 * LIFETIME
