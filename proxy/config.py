@@ -34,6 +34,7 @@ from .client_auth import (
 from .egress import NO_PROXY_VARIABLES, Egress, EgressError, credential_strings, proxy_environment
 from .errors import ConfigError
 from .providers import PRESETS, Preset
+from .wire import HOP_BY_HOP
 
 ENV_PREFIX = "OAUTH_SIDECAR_"
 ENV_CONFIG_PATH = "OAUTH_SIDECAR_CONFIG"
@@ -71,26 +72,14 @@ MAX_SECRET_BYTES = 1 << 20
 TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Header names [inject] headers may not set: hop-by-hop ones (RFC 9110 §7.6.1) and those the proxy writes
 # itself (Host, the framing, X-Request-Id), with the "_" spellings of the framing ones that the proxy drops.
-RESERVED_STATIC_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-        "x-request-id",
-        "content_length",
-        "transfer_encoding",
-    }
-)
+RESERVED_STATIC_HEADERS = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-request-id",
+    "content_length",
+    "transfer_encoding",
+}
 
 # Field metadata for a value the loader sets itself (from the preset): not a configuration key.
 NOT_A_KEY = MappingProxyType({"key": False})

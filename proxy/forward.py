@@ -34,23 +34,8 @@ from .response import RelayResponse
 from .state import Token
 from .tokens import TokenManager
 from .upstream import BodyInterrupted, Exchange, Pool
-from .wire import Body, Framing, WireError, request_framing
+from .wire import HOP_BY_HOP, Body, Framing, WireError, request_framing
 
-# RFC 9110 §7.6.1, plus the legacy Proxy-Connection.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Retry a request at most this many times after the upstream rejected the token.
 MAX_AUTH_RETRIES = 1
 REQUEST_ID_HEADER = "X-Request-Id"

@@ -33,6 +33,22 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# RFC 9110 §7.6.1, plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
 
 class WireError(Exception):
     """An illegal framing or phase change: a bug in the caller or a peer that broke HTTP/1.1."""
