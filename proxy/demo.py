@@ -126,7 +126,7 @@ class DemoIdP(TokenEndpoint):
     def app(self) -> web.Application:
         app = web.Application()
         base = f"/realms/{self.realm}/protocol/openid-connect"
-        app.router.add_post(f"{base}/token", self._token)
+        app.router.add_post(f"{base}/token", self.token_endpoint)
         app.router.add_post(f"{base}/logout", self._logout)
         app.router.add_post(f"{base}/revoke", self._revoke)
         app.router.add_get(f"/realms/{self.realm}/.well-known/openid-configuration", self._discovery)
@@ -150,7 +150,8 @@ class DemoIdP(TokenEndpoint):
             }
         )
 
-    async def _token(self, request: web.Request) -> web.StreamResponse:
+    async def token_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """POST .../token. Tests wrap it (override, then call super) to hold, fail or watch token requests."""
         if request.content_type != "application/x-www-form-urlencoded":
             self.hits["bad_content_type"] += 1
             return web.json_response({"error": "RESTEASY003065: Cannot consume content type"}, status=415)

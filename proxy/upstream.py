@@ -622,6 +622,16 @@ class Pool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (pool_size reached)."""
+        return len(self._waiters)
+
+    @property
+    def idle_in_use(self) -> int:
+        """Idle connections that still have an exchange under way: a leak, always 0."""
+        return sum(1 for conn in self._idle if conn.active)
+
     # --- the one public operation ----------------------------------------------------------------
 
     async def request(

@@ -1,48 +1,32 @@
 """The token lifecycle end to end: fake identity providers, an API, and the proxy in front, all on 127.0.0.1.
 
 Most tests run DemoIdP and DemoAPI; grants that cannot simply be repeated (rotating refresh tokens, one-time
-codes) run FakeOAuth2 (tests/fakes/vendors.py); expiry runs SlowIdP below, a token endpoint that takes its
-time and an API that refuses tokens past their real expiry. Persistent 401s, concurrent 401s and a 401 after
-refresh and access were both revoked are in test_forward.py.
+codes) run FakeOAuth2 (tests/fakes/vendors.py); expiry runs SlowIdP (tests/fakes/endpoints.py), a token
+endpoint that takes its time and an API that refuses tokens past their real expiry. Persistent 401s,
+concurrent 401s and a 401 after refresh and access were both revoked are in test_forward.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import Counter
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
-from aiohttp import web
 
 from proxy.app import METRICS
 from proxy.config import config_from_mapping
-from proxy.demo import DemoIdP, Fault
+from proxy.demo import Fault
 from proxy.observability import TextFormatter
 from proxy.state import Phase
+from tests.fakes.endpoints import HeldIdP, SlowIdP
 from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
 from tests.fakes.vendors import FakeOAuth2, start_fake
 from tests.faults.conftest import events, manager, proxy_config, wait_for
 
 WRONG_PASSWORD = "wrong-Pw-7731-not-real"
-
-
-class HeldIdP(DemoIdP):
-    """A DemoIdP whose token endpoint waits until the test opens ``gate``."""
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.gate = asyncio.Event()
-        self.waiting = 0
-
-    async def _token(self, request: web.Request) -> web.StreamResponse:
-        self.waiting += 1
-        await self.gate.wait()
-        return await super()._token(request)
 
 
 async def steady_traffic(client, seconds: float, workers: int = 4, pause: float = 0.05, during=None) -> Counter:
@@ -287,64 +271,6 @@ def _assert_not_logged(caplog: pytest.LogCaptureFixture, *secret_values: str) ->
     text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
     for value in secret_values:
         assert value not in text
-
-
-class SlowIdP:
-    """A token endpoint that issues a token, then takes ``delays[n]`` seconds to answer request ``n``.
-
-    A token lives ``lifetimes[n]`` seconds (the last one repeats) from the moment it is issued, and the
-    response says so in ``expires_in`` (or ``expires_in`` when given). With ``as_jwt`` the token is a JWT
-    whose ``iat``/``exp`` carry the real lifetime. The same app is the upstream: it answers 401 to a token
-    past its real expiry and counts what it saw in ``api`` (ok / expired / unknown).
-    """
-
-    def __init__(
-        self,
-        lifetimes: list[float],
-        delays: list[float] | None = None,
-        *,
-        expires_in: float | None = None,
-        as_jwt: bool = False,
-    ) -> None:
-        self.lifetimes = lifetimes
-        self.delays = delays or []
-        self.expires_in = expires_in
-        self.as_jwt = as_jwt
-        self.key = secrets.token_bytes(32)
-        self.grants: list[str] = []
-        self.expiry: dict[str, float] = {}  # token -> monotonic time it dies
-        self.api: Counter[str] = Counter()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/token", self._token)
-        app.router.add_get("/{tail:.*}", self._api)
-        return app
-
-    async def _token(self, request: web.Request) -> web.Response:
-        form = await request.post()
-        n = len(self.grants)
-        self.grants.append(str(form.get("grant_type")))
-        lifetime = self.lifetimes[min(n, len(self.lifetimes) - 1)]
-        if self.as_jwt:
-            now = time.time()
-            access = jwt.encode({"sub": "slow", "iat": now, "exp": now + lifetime, "n": n}, self.key, "HS256")
-        else:
-            access = f"slow-{n}-{secrets.token_urlsafe(12)}"
-        self.expiry[access] = time.monotonic() + lifetime
-        await asyncio.sleep(self.delays[n] if n < len(self.delays) else 0.0)
-        expires_in = lifetime if self.expires_in is None else self.expires_in
-        body = {"access_token": access, "token_type": "Bearer", "expires_in": expires_in, "refresh_token": f"rt-{n}"}
-        return web.json_response(body)
-
-    async def _api(self, request: web.Request) -> web.Response:
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        dies = self.expiry.get(token)
-        seen = "unknown" if dies is None else "expired" if time.monotonic() >= dies else "ok"
-        self.api[seen] += 1
-        if seen != "ok":
-            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        return web.json_response({"ok": True})
 
 
 async def _slow_proxy(aiohttp_server: Any, aiohttp_client: Any, idp: SlowIdP, **manager_options: Any):

@@ -77,7 +77,7 @@ class KeyAuthIdP:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/token", self._token)
+        app.router.add_post("/token", self.token_endpoint)
         app.router.add_post("/revoke", self._revoke)
         return app
 
@@ -87,7 +87,7 @@ class KeyAuthIdP:
             return {str(k): str(v) for k, v in data.items()}
         return dict(await request.post())  # type: ignore[arg-type]
 
-    async def _token(self, request: web.Request) -> web.Response:
+    async def token_endpoint(self, request: web.Request) -> web.Response:
         fields = await self._fields(request)
         self.requests.append(fields)
         try:

@@ -125,11 +125,11 @@ class FakeTokenServer(TokenEndpoint):
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post(self.token_path, self._token)
+        app.router.add_post(self.token_path, self.token_endpoint)
         app.router.add_route("*", "/{tail:.*}", self._api)
         return app
 
-    async def _token(self, request: web.Request) -> web.StreamResponse:
+    async def token_endpoint(self, request: web.Request) -> web.StreamResponse:
         seen = await _read_token_request(request)
         self.seen.append(seen)
         self.hits[f"grant:{seen.grant or 'missing'}"] += 1
@@ -377,7 +377,7 @@ class FakeOIDCProvider(FakeOAuth2):
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_route("*", "/session/end", self._end_session_page)
         app.router.add_post("/token/revocation", self._revoke)
-        app.router.add_post(self.token_path, self._token)
+        app.router.add_post(self.token_path, self.token_endpoint)
         app.router.add_route("*", "/{tail:.*}", self._api)
         return app
 

@@ -107,10 +107,10 @@ class FlakyIdP(DemoIdP):
         self.seen = 0
         self.injected: Counter[str] = Counter()
 
-    async def _token(self, request: web.Request) -> web.StreamResponse:
+    async def token_endpoint(self, request: web.Request) -> web.StreamResponse:
         self.seen += 1
         if self.seen % FAIL_EVERY:
-            return await super()._token(request)
+            return await super().token_endpoint(request)
         kind = FAULT_KINDS[(self.seen // FAIL_EVERY) % len(FAULT_KINDS)]
         self.injected[kind] += 1
         if kind == "server_error":
@@ -268,12 +268,12 @@ class WatchedIdP(DemoIdP):
         self.revoked.update({token: issued.expires_at for token, issued in self.access.items()})
         super().revoke_all_access()
 
-    async def _token(self, request: web.Request) -> web.StreamResponse:
+    async def token_endpoint(self, request: web.Request) -> web.StreamResponse:
         self.arrivals.append(time.monotonic())
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            response = await super()._token(request)
+            response = await super().token_endpoint(request)
         finally:
             self.in_flight -= 1
         if response.status == 429:
@@ -745,12 +745,17 @@ async def soak(aiohttp_server: Any, aiohttp_client: Any, seed: int) -> None:
 
     def quiet() -> bool:  # a client that just hung up takes the proxy a moment to see: not a leak
         busy = [t for t in run.proxy_tasks() if t.get_name() != "token-scheduler"]
-        return not busy and pool._open == len(pool._idle) == len(run.api_server.runner.server.connections)
+        return not busy and pool.open_connections == pool.idle_connections == len(
+            run.api_server.runner.server.connections
+        )
 
     with contextlib.suppress(AssertionError):
         await _wait_until(quiet, SETTLE_S)
-    if pool._open != len(pool._idle) or pool._waiters or any(conn.active for conn in pool._idle):
-        found.append(f"5: {pool._open} upstream connections open, {len(pool._idle)} idle, {len(pool._waiters)} waiting")
+    if pool.open_connections != pool.idle_connections or pool.waiting or pool.idle_in_use:
+        found.append(
+            f"5: {pool.open_connections} upstream connections open, {pool.idle_connections} idle, "
+            f"{pool.waiting} waiting"
+        )
     leftover = [t.get_name() for t in run.proxy_tasks() if t.get_name() != "token-scheduler"]
     if leftover:
         found.append(f"5: proxy tasks left running: {leftover}")
