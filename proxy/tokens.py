@@ -173,6 +173,16 @@ class TokenManager:
         return self._lc
 
     @property
+    def renewing(self) -> bool:
+        """A renewal (a flight) is under way."""
+        return self._flight is not None and not self._flight.done()
+
+    @property
+    def scheduling(self) -> bool:
+        """The background scheduler runs (started, not stopped or crashed)."""
+        return self._scheduler is not None and not self._scheduler.done()
+
+    @property
     def held(self) -> Token | None:
         """The token held, usable or not."""
         return self._lc.token

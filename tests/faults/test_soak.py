@@ -759,9 +759,10 @@ async def soak(aiohttp_server: Any, aiohttp_client: Any, seed: int) -> None:
     leftover = [t.get_name() for t in run.proxy_tasks() if t.get_name() != "token-scheduler"]
     if leftover:
         found.append(f"5: proxy tasks left running: {leftover}")
-    flying = tokens._flight is not None and not tokens._flight.done()
-    if tokens.phase is not Phase.HOLDING or flying or tokens._scheduler is None or tokens._scheduler.done():
-        found.append(f"5: token manager {tokens.phase.value}, flight {tokens._flight}, scheduler {tokens._scheduler}")
+    if tokens.phase is not Phase.HOLDING or tokens.renewing or not tokens.scheduling:
+        found.append(
+            f"5: token manager {tokens.phase.value}, renewing {tokens.renewing}, scheduling {tokens.scheduling}"
+        )
 
     # ... and a shutdown with requests and a token request in flight: within the grace, nothing left behind.
     took, wave = await run.shut_down()
