@@ -538,10 +538,9 @@ class TokenManager:
             return False
         if self._flight is not None or not self._waiting_out_backoff() or entry is None:
             return False
-        token = self._token_from(entry, self._clock())
-        if token is None or token.health(self._clock(), self._margin) is not Health.FRESH:
-            return False
-        if self._lc.token is not None and token.access_token == self._lc.token.access_token:
+        now = self._clock()
+        token = self._new_token(entry, now, None)
+        if token is None or token.health(now, self._margin) is not Health.FRESH:
             return False
         self._seen = entry.version
         self._adopt(token, entry)
@@ -555,14 +554,12 @@ class TokenManager:
             return False
         self._seen = entry.version
         now = self._clock()
-        lc = self._lc
-        token = self._token_from(entry, now)
-        if token is not None and (lc.token is None or token.access_token != lc.token.access_token):
-            if rejected is None or token.access_token != rejected.access_token:
-                health = token.health(now, self._margin)
-                if health is Health.FRESH or (health is Health.STALE and self.usable() is None):
-                    self._adopt(token, entry)
-                    return health is Health.FRESH
+        token = self._new_token(entry, now, rejected)
+        if token is not None:
+            health = token.health(now, self._margin)
+            if health is Health.FRESH or (health is Health.STALE and self.usable() is None):
+                self._adopt(token, entry)
+                return health is Health.FRESH
         wall = self._wall()
         if (
             entry.rejected_until > wall
@@ -586,18 +583,25 @@ class TokenManager:
             return True
         return False
 
+    def _new_token(self, entry: Entry, now: float, rejected: Token | None) -> Token | None:
+        """The entry's token on this process's clock, when it is neither the one held nor ``rejected``."""
+        token = self._token_from(entry, now)
+        if token is None or (self._lc.token is not None and token.access_token == self._lc.token.access_token):
+            return None
+        if rejected is not None and token.access_token == rejected.access_token:
+            return None
+        return token
+
     def _take_stale(self, entry: Entry | None, rejected: Token | None) -> None:
         """Holding the lease: renew from the fleet's session (its refresh token), not this process's own,
         and space this process's login by the fleet's."""
         if entry is None:
             return
         now = self._clock()
-        token = self._token_from(entry, now)
+        token = self._new_token(entry, now, rejected)
         lc = self._lc
         if (
             token is not None
-            and (lc.token is None or token.access_token != lc.token.access_token)
-            and (rejected is None or token.access_token != rejected.access_token)
             and token.can_refresh(now)
             # not over a newer session of this process's own (obtained while it was cut off from the store)
             and (lc.token is None or not lc.token.can_refresh(now) or token.obtained_at > lc.token.obtained_at)
