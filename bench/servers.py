@@ -107,6 +107,35 @@ def minimal_proxy_app(upstream_port: int) -> web.Application:
     return app
 
 
+def lowlevel_proxy_server(upstream_port: int) -> web.Server:
+    """minimal_proxy's forwarding on aiohttp's low-level server (``web.Server``: no Application, router or
+    middlewares): the floor of anything built on aiohttp's server and the sidecar's pool."""
+    pool, host = _pool(upstream_port), b"127.0.0.1:%d" % upstream_port
+
+    async def forward(request: web.BaseRequest) -> web.Response:
+        method = request.method
+        head = _head(method.encode(), request.raw_path.encode(), list(request.raw_headers), host)
+        exchange = await pool.request(method, head, None)
+        body = await _whole_body(exchange)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in exchange.headers:
+            if name.lower() not in _DROP_RESPONSE:
+                headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        return web.Response(status=exchange.status, headers=headers, body=body)
+
+    return web.Server(forward)
+
+
+async def lowlevel_proxy(port: int, upstream_port: int) -> None:
+    runner = web.ServerRunner(lowlevel_proxy_server(upstream_port), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
 class _LeanProxy(asyncio.Protocol):
     """One client connection: httptools parses requests; each is forwarded as it completes."""
 
@@ -168,8 +197,8 @@ def main(argv: list[str]) -> None:
         uvloop.install()
     except ImportError:
         pass
-    if kind == "lean_proxy":
-        asyncio.run(lean_proxy(port, int(argv[2])))
+    if kind in ("lean_proxy", "lowlevel_proxy"):
+        asyncio.run((lean_proxy if kind == "lean_proxy" else lowlevel_proxy)(port, int(argv[2])))
         return
     if kind == "upstream":
         app = upstream_app(Path(argv[2]))

@@ -1,14 +1,20 @@
-"""make_app(config): the aiohttp application, its client sessions, its token manager, its routes.
+"""make_app(config): the aiohttp application, its client sessions, its token manager; Dispatch, its routes.
 
 Two clients live for the life of the app, created and closed in ``cleanup_ctx``: the upstream's
 connection pool (proxy/upstream.py) and a small aiohttp session for the identity provider, so that a
 token refresh never queues behind a hundred streaming downloads for a connection.
+
+Routing is :class:`Dispatch`: the four ``/-/`` paths by exact match, everything else forwarded. The
+listener (proxy/listener.py, :class:`~proxy.listener.SidecarRunner`) serves it on aiohttp's low-level
+server, without the Application's router and middleware chain, which cost more per request than all of
+the proxy's admission checks together; the Application itself, served by any aiohttp runner (the tests'
+``TestServer``, ``web.run_app``), routes every request to the same :class:`Dispatch`.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -21,7 +27,7 @@ from .config import Config
 from .errors import SidecarError
 from .forward import Forwarder, error_response
 from .idp import IdentityProvider
-from .listener import MAX_HEAD_LINE
+from .listener import HANDLER_ARGS
 from .observability import Metrics, event
 from .secrets import Secrets
 from .store import open_store
@@ -63,27 +69,28 @@ def upstream_ssl_context(config: Config) -> ssl.SSLContext:
 
 def make_app(config: Config, **manager_options: Any) -> web.Application:
     """The proxy as an aiohttp application. ``manager_options`` go to TokenManager (tests: backoff)."""
-    app = web.Application(
-        handler_args={"max_field_size": MAX_HEAD_LINE, "max_line_size": MAX_HEAD_LINE},
-        middlewares=[_non_path_targets],
-    )
+    dispatch = Dispatch()
+
+    @web.middleware
+    async def non_path_targets(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        # A target that is not a path (CONNECT host:443, OPTIONS *) matches no route of the router.
+        return await (handler(request) if request.path.startswith("/") else dispatch(request))
+
+    app = web.Application(handler_args=HANDLER_ARGS, middlewares=[non_path_targets])
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[GUARD] = Guard(config.listen, config.access)
     app[SECRETS] = Secrets(config)
+    app[DISPATCH] = dispatch
     app.cleanup_ctx.append(_clients(manager_options))
-
-    for name, handler in (
-        ("healthy", _healthy),
-        ("ready", _ready),
-        ("status", _status),
-        ("metrics", _metrics),
-    ):
-        app.router.add_route("*", f"/-/{name}", _reserved(handler, private=name in ("status", "metrics")))
-    # Every other path is forwarded. aiohttp matches the decoded path, and "." does not match a newline:
-    # with "/{tail:.*}", /a%0Ab got aiohttp's plain-text 404. The raw path still goes upstream as sent.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", _forward)
+    # Served as an Application, every path goes to Dispatch. "." does not match a newline: with "/{tail:.*}",
+    # /a%0Ab got aiohttp's plain-text 404. Dispatch answers Expect itself (the route's handler would first).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _routed, expect_handler=_expect_answered_by_dispatch)
     return app
+
+
+async def _routed(request: web.Request) -> web.StreamResponse:
+    return await request.app[DISPATCH](request)
 
 
 def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -119,6 +126,7 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
         app[IDP] = idp
         app[TOKENS] = tokens
         app[FORWARDER] = Forwarder(config, upstream, tokens, app[METRICS], app[GUARD])
+        app[DISPATCH].bind(app)
         tokens.start()
         try:
             yield
@@ -130,47 +138,90 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
     return clients
 
 
-async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].handle(request)
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-@web.middleware
-async def _non_path_targets(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    """A target that is not a path (``CONNECT host:443``, ``OPTIONS *``) matches no route; the forwarder
-    refuses it with its 400 JSON, instead of aiohttp's plain-text 404."""
-    if request.path.startswith("/"):
-        return await handler(request)
-    return await request.app[FORWARDER].handle(request)
+class Dispatch:
+    """The proxy's one request handler: a ``/-/`` route by exact path, else the forwarder.
+
+    ``bind(app)`` once the app has started (its forwarder exists); the listener calls it. The path a
+    route is matched on is the one aiohttp's router used (``rel_url.path_safe``: decoded, ``%2F`` kept),
+    so ``/-/%68ealthy`` and an absolute-form ``GET http://127.0.0.1:8360/-/ready`` are the routes too.
+    ``Expect`` is answered here as aiohttp's router would, before any rule: ``100-continue`` gets its
+    interim answer, anything else a 417 (JSON)."""
+
+    __slots__ = ("_app", "_forwarder")
+
+    def __init__(self) -> None:
+        self._app: web.Application | None = None
+        self._forwarder: Forwarder | None = None
+
+    def bind(self, app: web.Application) -> None:
+        self._app, self._forwarder = app, app[FORWARDER]
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        forwarder, app = self._forwarder, self._app
+        assert forwarder is not None and app is not None, "Dispatch.bind(app) comes first"
+        if "Expect" in request.headers:
+            refused = await _expect(request)
+            if refused is not None:
+                return refused
+        raw = request.raw_path
+        if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:
+            route = RESERVED.get(request.rel_url.path_safe)
+            if route is not None:
+                return _reserved(app, request, *route)
+        return await forwarder.handle(request)
 
 
-def _reserved(handler: Callable[[web.Request], web.Response], private: bool) -> Callable[[web.Request], Any]:
-    """Wrap a /-/ handler: the listener rules always apply; the API key for status and metrics."""
-
-    async def reserved(request: web.Request) -> web.StreamResponse:
-        guard = request.app[GUARD]
-        try:
-            guard.check_listener(request)
-            if private:
-                guard.check_api_key(request)
-        except SidecarError as exc:
-            return error_response(exc)
-        if request.method not in ("GET", "HEAD"):
-            return web.json_response(
-                {"error": "method_not_allowed", "detail": f"{request.path} answers GET only"},
-                status=405,
-                headers={"Allow": "GET, HEAD"},
-            )
-        return handler(request)
-
-    return reserved
+DISPATCH = web.AppKey("dispatch", Dispatch)  # bound to its app when the app has started
 
 
-def _healthy(request: web.Request) -> web.Response:
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """What aiohttp's router does with ``Expect`` (HTTP/1.1 only): the 100 Continue interim answer, or a
+    refusal for an expectation it does not know."""
+    if request.version < aiohttp.HttpVersion11:
+        return None
+    if request.headers["Expect"].lower() == "100-continue":
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # the interim answer is not the response's body
+        return None
+    return web.json_response(
+        {"error": "expectation_failed", "detail": "only Expect: 100-continue is understood"}, status=417
+    )
+
+
+async def _expect_answered_by_dispatch(request: web.Request) -> None:
+    return None
+
+
+def _reserved(
+    app: web.Application, request: web.BaseRequest, handler: Callable[..., web.Response], private: bool
+) -> web.Response:
+    """A /-/ route: the listener rules always apply; the API key for status and metrics."""
+    guard = app[GUARD]
+    try:
+        guard.check_listener(request)
+        if private:
+            guard.check_api_key(request)
+    except SidecarError as exc:
+        return error_response(exc)
+    if request.method not in ("GET", "HEAD"):
+        return web.json_response(
+            {"error": "method_not_allowed", "detail": f"{request.path} answers GET only"},
+            status=405,
+            headers={"Allow": "GET, HEAD"},
+        )
+    return handler(app)
+
+
+def _healthy(app: web.Application) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _ready(request: web.Request) -> web.Response:
-    tokens = request.app[TOKENS]
+def _ready(app: web.Application) -> web.Response:
+    tokens = app[TOKENS]
     token = tokens.usable()
     if token is not None:
         return web.json_response(
@@ -188,8 +239,8 @@ def _ready(request: web.Request) -> web.Response:
     )
 
 
-def _status(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+def _status(app: web.Application) -> web.Response:
+    config = app[CONFIG]
     body = {
         "service": "oauth-sidecar",
         "version": __version__,
@@ -197,10 +248,10 @@ def _status(request: web.Request) -> web.Response:
         "grant_type": config.auth.grant_type,
         "upstream": config.upstream.url,
         "proxy": proxies(config),
-        **request.app[TOKENS].status(),
+        **app[TOKENS].status(),
     }
-    if WORKER in request.app:
-        body["worker"] = request.app[WORKER]
+    if WORKER in app:
+        body["worker"] = app[WORKER]
     return web.json_response(body)
 
 
@@ -217,9 +268,18 @@ def proxies(config: Config) -> dict[str, str | None]:
     return shown
 
 
-def _metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition()
+def _metrics(app: web.Application) -> web.Response:
+    body = app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+# path -> (handler, private): private ones (status, metrics) also ask for access.api_key
+RESERVED: dict[str, tuple[Callable[[web.Application], web.Response], bool]] = {
+    "/-/healthy": (_healthy, False),
+    "/-/ready": (_ready, False),
+    "/-/status": (_status, True),
+    "/-/metrics": (_metrics, True),
+}
 
 
 def log_startup(config: Config) -> None:

@@ -21,12 +21,24 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .app import FORWARDER, GUARD, METRICS, SECRETS, TOKENS, WORKER, idp_ssl_context, log_startup, make_app
+from .app import (
+    DISPATCH,
+    FORWARDER,
+    GUARD,
+    METRICS,
+    SECRETS,
+    TOKENS,
+    WORKER,
+    Handler,
+    idp_ssl_context,
+    log_startup,
+    make_app,
+)
 from .config import Config, config_from_mapping, is_loopback_host, load_config, resolve_config_path
 from .demo import DemoAPI, DemoIdP
 from .errors import ConfigError, TokenRejected, TokenUnavailable
 from .idp import IdentityProvider, try_end_session
-from .listener import LimitedSite, connection_cap, raise_open_files_limit
+from .listener import LimitedSite, SidecarRunner, connection_cap, raise_open_files_limit
 from .observability import Redactor, event, flush_access_log, setup_logging
 from .secrets import HEADER_KEY, SecretWatcher
 from .workers import WorkerInfo, run_workers
@@ -159,9 +171,9 @@ async def serve(
     if worker is not None:
         app[WORKER] = {"index": worker.index, "of": worker.count, "pid": os.getpid()}
     requests: set[asyncio.Task[Any]] = set()
-    app.middlewares.insert(0, _tracked(requests))
-    runner = web.AppRunner(
+    runner = SidecarRunner(
         app,
+        _tracked(requests, app[DISPATCH]),
         access_log=None,  # we log requests ourselves, without query strings
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         # A connection with no request under way (idle keep-alive, or a request head still arriving) is
@@ -225,13 +237,10 @@ async def serve(
     return EXIT_OK
 
 
-def _tracked(requests: set[asyncio.Task[Any]]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """A middleware that keeps the task of every request under way in ``requests``, for :func:`_drain`."""
+def _tracked(requests: set[asyncio.Task[Any]], handler: Handler) -> Handler:
+    """``handler``, keeping the task of every request under way in ``requests``, for :func:`_drain`."""
 
-    @web.middleware
-    async def tracked(
-        request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def tracked(request: web.BaseRequest) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
         requests.add(task)
@@ -243,7 +252,7 @@ def _tracked(requests: set[asyncio.Task[Any]]) -> Callable[..., Awaitable[web.St
     return tracked
 
 
-async def _drain(runner: web.AppRunner, requests: set[asyncio.Task[Any]], grace: float) -> None:
+async def _drain(runner: web.BaseRunner, requests: set[asyncio.Task[Any]], grace: float) -> None:
     """Stop listening, let the requests under way finish for ``grace`` seconds, then cancel the rest.
 
     aiohttp's own drain (``runner.cleanup()`` with ``shutdown_timeout``) waits the timeout for a request to
@@ -267,7 +276,7 @@ async def _drain(runner: web.AppRunner, requests: set[asyncio.Task[Any]], grace:
         await asyncio.wait(cut, timeout=CANCEL_WAIT_S)
 
 
-def _listen_url(runner: web.AppRunner, config: Config) -> str:
+def _listen_url(runner: web.BaseRunner, config: Config) -> str:
     port = config.listen.port
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:

@@ -166,7 +166,7 @@ class Forwarder:
             b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()
         )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         method = request.method
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
@@ -222,7 +222,7 @@ class Forwarder:
                 )
 
     async def _forward(
-        self, request: web.Request, method: str, request_id: str, progress: Progress
+        self, request: web.BaseRequest, method: str, request_id: str, progress: Progress
     ) -> web.StreamResponse:
         allowed_origin = self._guard.check_listener(request)
         if allowed_origin is not None and method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
@@ -382,7 +382,7 @@ class Forwarder:
         return raw
 
     async def _tunnel(
-        self, request: web.Request, upstream: Exchange, request_id: str, accept: str, progress: Progress
+        self, request: web.BaseRequest, upstream: Exchange, request_id: str, accept: str, progress: Progress
     ) -> web.StreamResponse:
         """The upstream switched to WebSocket: answer the client's handshake and relay bytes (proxy/websocket.py)."""
         websocket.check_switch(upstream.headers, accept)  # else 502, before the client got anything
@@ -401,7 +401,7 @@ class Forwarder:
         return response
 
     async def _relay(
-        self, request: web.Request, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
+        self, request: web.BaseRequest, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
     ) -> web.StreamResponse:
         status = upstream.status
         framing = upstream.framing

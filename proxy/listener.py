@@ -6,7 +6,10 @@ it gets one, so this module reaches into aiohttp's private attributes. It is the
 - ``web.Server._loop`` and ``web.Server._kwargs``: to build a :class:`_JsonErrors` handler the way
   ``web.Server.__call__`` builds aiohttp's own;
 - ``web.BaseSite._runner``, ``._server`` and ``._backlog``: :class:`LimitedSite` starts its own
-  ``loop.create_server`` with its own protocol factory, as ``web.TCPSite.start`` does with aiohttp's.
+  ``loop.create_server`` with its own protocol factory, as ``web.TCPSite.start`` does with aiohttp's;
+- ``web.BaseRunner._make_server``, ``._cleanup_server`` and ``._kwargs``: :class:`SidecarRunner` runs an
+  Application's lifecycle as ``web.AppRunner`` does, and serves its requests on a low-level
+  ``web.Server`` (the proxy's own dispatch, no router or middleware chain).
 
 tests/test_listener.py checks each of them by name, so an aiohttp release that renames one fails there,
 and pyproject.toml's aiohttp range is the one that test passed on.
@@ -21,7 +24,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -35,6 +38,8 @@ except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
 MAX_HEAD_LINE = 16384  # bytes in the request line or one header field; aiohttp's default is 8190
+# aiohttp's per-connection handler settings (an Application's handler_args): the head limits above.
+HANDLER_ARGS: dict[str, Any] = {"max_field_size": MAX_HEAD_LINE, "max_line_size": MAX_HEAD_LINE}
 
 # A connection refused for being over listen.max_connections may send its request head first; it is
 # read (up to this much, for this long) so the client sees the 503 instead of a connection reset.
@@ -92,6 +97,45 @@ def connection_cap(max_connections: int, pool_size: int, open_files: int | None)
         "client connections beyond the lowered cap get 503",
     )
     return cap
+
+
+class SidecarRunner(web.BaseRunner):
+    """Runs ``app``'s lifecycle as ``web.AppRunner`` does (startup, shutdown, cleanup: its cleanup_ctx),
+    and answers its requests with ``handler`` on aiohttp's low-level ``web.Server``.
+
+    An Application routes each request through its router, builds a ``web.Request`` with match info and
+    runs a middleware chain: per request, more than the proxy's admission checks, token and metrics
+    together. The proxy routes four exact paths itself (proxy/app.py, ``Dispatch``), so it needs none of
+    that; ``handler`` gets aiohttp's plain ``BaseRequest``. ``kwargs`` are the per-connection settings
+    (``keepalive_timeout``, ``handler_cancellation``, ``access_log``...), with :data:`HANDLER_ARGS`.
+    """
+
+    __slots__ = ("_app", "_handler")
+
+    def __init__(
+        self,
+        app: web.Application,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._app, self._handler = app, handler
+
+    @property
+    def app(self) -> web.Application:
+        return self._app
+
+    async def shutdown(self) -> None:
+        await self._app.shutdown()
+
+    async def _make_server(self) -> web.Server:
+        self._app.on_startup.freeze()  # as web.AppRunner: startup() sends it; its handlers still set the app's state
+        await self._app.startup()
+        self._app.freeze()
+        return web.Server(self._handler, loop=asyncio.get_running_loop(), **{**HANDLER_ARGS, **self._kwargs})
+
+    async def _cleanup_server(self) -> None:
+        await self._app.cleanup()
 
 
 class LimitedSite(web.BaseSite):

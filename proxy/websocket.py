@@ -227,7 +227,7 @@ class Tunnel(asyncio.Protocol):
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
     upstream: Exchange,
     lines: bytes,
     timeout_s: float,

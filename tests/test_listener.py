@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 
+from proxy.app import make_app
 from proxy.cli import serve
 from proxy.listener import MAX_HEAD_LINE, LimitedSite, _JsonErrors
 from proxy.observability import Metrics, setup_logging
@@ -242,6 +243,9 @@ async def test_the_aiohttp_internals_the_listener_relies_on_are_still_there():
         )
         handler = _JsonErrors(server, loop=server._loop, **server._kwargs)  # what web.Server.__call__ does
         assert isinstance(handler, web.RequestHandler)
+        for method in ("_make_server", "_cleanup_server"):  # SidecarRunner implements BaseRunner's two hooks
+            assert method in web.BaseRunner.__abstractmethods__, f"{where}: web.BaseRunner.{method} is no longer a hook"
+        assert hasattr(runner, "_kwargs"), f"{where}: web.BaseRunner._kwargs is gone; SidecarRunner passes it on"
 
         await site.start()  # the site's own create_server, stored where BaseSite.stop() closes it
         assert isinstance(site._server, asyncio.AbstractServer), f"{where}: web.BaseSite._server is not the server"
@@ -447,3 +451,64 @@ async def test_a_cancelled_waiter_passes_its_wake_up_on(raw_server):
         assert await second is held
     finally:
         await pool.close()
+
+
+ROUTES = {  # request line (and extra header lines) -> (status, what answered: "proxy" or the demo API's JSON)
+    "reserved": (b"GET /-/healthy HTTP/1.1\r\n", 200, "proxy"),
+    "reserved, percent-encoded": (b"GET /-/%68ealthy HTTP/1.1\r\n", 200, "proxy"),
+    "reserved, absolute-form": (b"GET http://127.0.0.1/-/healthy HTTP/1.1\r\n", 200, "proxy"),
+    "reserved, with a query": (b"GET /-/healthy?x=1 HTTP/1.1\r\n", 200, "proxy"),
+    "reserved, POST": (b"POST /-/status HTTP/1.1\r\nContent-Length: 0\r\n", 405, "proxy"),
+    "not reserved: trailing slash": (b"GET /-/healthy/ HTTP/1.1\r\n", 200, "api"),
+    "not reserved: unknown": (b"GET /-/nothing HTTP/1.1\r\n", 200, "api"),
+    "forwarded": (b"GET /v1/anything HTTP/1.1\r\n", 200, "api"),
+    "CONNECT": (b"CONNECT example.com:443 HTTP/1.1\r\n", 400, "proxy"),
+    "unknown Expect": (b"POST /v1/echo HTTP/1.1\r\nExpect: 200-ok\r\nContent-Length: 0\r\n", 417, "proxy"),
+}
+
+
+@pytest.mark.parametrize("served", ["sidecar-runner", "application"])
+@pytest.mark.parametrize("case", list(ROUTES))
+async def test_routes_are_the_same_however_the_app_is_served(aiohttp_server, aiohttp_client, served, case):
+    """The /-/ routes match the decoded path exactly (as aiohttp's router did), everything else is forwarded,
+    and the proxy's own answers are JSON: the same whether the app runs as oauth-sidecar serves it
+    (SidecarRunner, low-level server) or as an aiohttp Application under any runner."""
+    idp = await start_idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    config = keycloak_config(idp, api_url)
+    if served == "sidecar-runner":
+        client = await start_proxy(aiohttp_client, config)
+    else:
+        client = await aiohttp_client(make_app(config))
+    line, status, answered = ROUTES[case]
+    response = await _exchange(client.port, line + b"Host: 127.0.0.1\r\n\r\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), response[:300]
+    assert b"application/json" in head.lower()
+    data = json.loads(body)
+    if answered == "proxy":
+        assert "raw_path" not in data  # the demo API echoes the path it was asked for
+        assert status == 200 or set(data) == {"error", "detail"}
+    else:
+        assert data["raw_path"] == line.split(b" ")[1].decode()
+
+
+@pytest.mark.parametrize("served", ["sidecar-runner", "application"])
+async def test_expect_100_continue_is_answered_once_before_the_body(aiohttp_server, aiohttp_client, served):
+    """Expect: 100-continue gets exactly one interim answer, then the final one, however the app is served."""
+    idp = await start_idp(aiohttp_server)
+    _, api_url = await start_api(aiohttp_server, idp)
+    config = keycloak_config(idp, api_url)
+    client = await (
+        start_proxy(aiohttp_client, config) if served == "sidecar-runner" else aiohttp_client(make_app(config))
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(b"POST /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"ping")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert head.startswith(b"HTTP/1.1 200 "), head

@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import make_app
+from proxy.app import DISPATCH, make_app
 from proxy.config import Config, config_from_mapping
 from proxy.demo import DemoAPI, DemoIdP
+from proxy.listener import SidecarRunner
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ClientFactory = Callable[..., Awaitable[TestClient]]
@@ -66,7 +67,16 @@ def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any])
     return config_from_mapping(deep_merge(base, sections), source="test")
 
 
+class SidecarTestServer(TestServer):
+    """The proxy app served the way ``oauth-sidecar`` serves it (proxy/cli.py): a SidecarRunner answering
+    with the app's Dispatch on aiohttp's low-level server, not the Application's router."""
+
+    async def _make_runner(self, **kwargs: Any) -> SidecarRunner:
+        return SidecarRunner(self.app, self.app[DISPATCH], access_log=None, **kwargs)
+
+
 async def start_proxy(aiohttp_client: ClientFactory, config: Config, **manager_options: Any) -> TestClient:
-    """The proxy app under a test client; backoffs are fast unless given."""
+    """The proxy under a test client, served as ``oauth-sidecar`` serves it (handler_cancellation on, as
+    there); backoffs are fast unless given."""
     options = {**FAST_BACKOFF, **manager_options}
-    return await aiohttp_client(make_app(config, **options), server_kwargs={"handler_cancellation": True})
+    return await aiohttp_client(SidecarTestServer(make_app(config, **options)))
