@@ -4,10 +4,14 @@
 
 Starts, all on 127.0.0.1: a fast upstream (nginx when installed, else a minimal aiohttp server)
 serving a 200-byte JSON body and a 100 MiB file; a fake identity provider (proxy.demo.DemoIdP,
-each token request slowed by 200 ms); the sidecar in front of the upstream; nginx as a reference
-proxy (one worker) when installed; and aiohttp's server answering by itself (``aiohttp_alone``), the
-ceiling of anything built on it. On a machine with two or more cores the proxies are pinned to
-core 0 and the upstream, the identity provider and the load generator to core 1.
+each token request slowed by 200 ms); the sidecar in front of the upstream, in its default
+configuration (``sidecar``, access log on) and without the access log (``sidecar_quiet``); nginx as a
+reference proxy (one worker) when installed; aiohttp's server answering by itself (``aiohttp_alone``), the
+ceiling of anything built on it; and the floor sticks of bench/servers.py, a proxy that forwards through
+the sidecar's pool and does nothing else, as an aiohttp Application (``minimal_proxy``) and on aiohttp's
+low-level server (``lowlevel_proxy``: the floor the sidecar's CPU per request is held to). On a machine
+with two or more cores the proxies are pinned to core 0 and the upstream, the identity provider and the
+load generator to core 1.
 
 With ``--workers N``, two more sidecars, neither pinned: ``sidecar_unpinned`` (one process) and
 ``sidecar_workers`` (``listen.workers = N``), so the ratio of the two is what N workers give over one
@@ -385,13 +389,15 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             wait_http(f"http://127.0.0.1:{port}/small")
             targets["nginx"] = Target("nginx", port, proc.pid)
 
+        # The default configuration (access log on) is "sidecar"; "sidecar_quiet" is the same without it.
         sidecars = [
-            ("sidecar", STEADY_LIFETIME_S, args.access_log, env),
-            ("sidecar_refreshing", REFRESH_LIFETIME_S, args.access_log, env),
+            ("sidecar", STEADY_LIFETIME_S, True, env),
+            ("sidecar_quiet", STEADY_LIFETIME_S, False, env),
+            ("sidecar_refreshing", REFRESH_LIFETIME_S, True, env),
         ]
         if args.workers > 1:  # name -> listen.workers; these two run on every core (see the docstring)
             spread = {"sidecar_unpinned": 1, "sidecar_workers": args.workers}
-            sidecars += [(name, STEADY_LIFETIME_S, args.access_log, env) for name in spread]
+            sidecars += [(name, STEADY_LIFETIME_S, True, env) for name in spread]
         if args.baseline:
             # The same sidecar at another commit, in the same run: what a change costs, as a ratio.
             tree = tmp / "baseline"
@@ -399,7 +405,7 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
                 ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True
             )
             cleanup.append(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
-            sidecars.append(("sidecar_baseline", STEADY_LIFETIME_S, args.access_log, {**env, "PYTHONPATH": str(tree)}))
+            sidecars.append(("sidecar_baseline", STEADY_LIFETIME_S, True, {**env, "PYTHONPATH": str(tree)}))
         for name, lifetime, access, side_env in sidecars:
             idp_port = free_port()
             procs.start(
@@ -417,10 +423,12 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
 
         # Measuring sticks (bench/servers.py): aiohttp's server answering by itself, the ceiling of anything
         # built on it; the least a proxy on aiohttp's server can do (forward through the sidecar's pool,
-        # nothing else); the same on bare asyncio transports and httptools.
+        # nothing else), as an Application and on the low-level web.Server (the floor the sidecar is held
+        # to); the same on bare asyncio transports and httptools.
         for name, argv in (
             ("aiohttp_alone", ["upstream", str(tmp)]),
             ("minimal_proxy", ["minimal_proxy", str(up_port)]),
+            ("lowlevel_proxy", ["lowlevel_proxy", str(up_port)]),
             ("lean_proxy", ["lean_proxy", str(up_port)]),
         ):
             port = free_port()
@@ -514,10 +522,13 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
         "c64_rps_sidecar_over_minimal_proxy": side["c64"]["rps"] / t["minimal_proxy"]["c64"]["rps"],
         "added_p50_us_over_direct_c1_same_core": side["extra"]["c1_p50_us_same_core"] - direct["c1"]["p50_us"],
     }
-    for name in ("sidecar_baseline", "minimal_proxy", "nginx"):  # CPU per request: this run's sidecar over each
+    for name in ("lowlevel_proxy", "minimal_proxy", "sidecar_baseline", "nginx"):  # CPU per request, over each
         other = t.get(name)  # type: ignore[union-attr]
         if other is not None and other["c64"].get("cpu_us") and side["c64"].get("cpu_us"):
             out[f"c64_cpu_per_request_sidecar_over_{name}"] = side["c64"]["cpu_us"] / other["c64"]["cpu_us"]
+    quiet, floor = t.get("sidecar_quiet"), t.get("lowlevel_proxy")  # type: ignore[union-attr]
+    if quiet is not None and floor is not None and quiet["c64"].get("cpu_us") and floor["c64"].get("cpu_us"):
+        out["c64_cpu_per_request_sidecar_quiet_over_lowlevel_proxy"] = quiet["c64"]["cpu_us"] / floor["c64"]["cpu_us"]
     if t.get("sidecar_workers") is not None:  # type: ignore[union-attr]
         many, one = t["sidecar_workers"]["c64"], t["sidecar_unpinned"]["c64"]
         out["c64_rps_workers_over_one_unpinned"] = many["rps"] / one["rps"]
@@ -540,6 +551,7 @@ def ratios(results: dict[str, object]) -> dict[str, float]:
 
 
 TARGETS = {  # what each ratio must reach (the performance goals in README "Performance")
+    "c64_cpu_per_request_sidecar_over_lowlevel_proxy": ("<=", 1.30),
     "c64_rps_sidecar_over_nginx": (">=", 0.30),
     "added_p50_us_over_direct_c1": ("<=", 100.0),
     "stream_sidecar_over_nginx": (">=", 0.80),
@@ -589,7 +601,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians (default 3)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
-    parser.add_argument("--access-log", action="store_true", help="keep the sidecar's access log on (default off)")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
     parser.add_argument(

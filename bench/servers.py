@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httptools
@@ -107,8 +108,8 @@ def minimal_proxy_app(upstream_port: int) -> web.Application:
     return app
 
 
-def lowlevel_proxy_server(upstream_port: int) -> web.Server:
-    """minimal_proxy's forwarding on aiohttp's low-level server (``web.Server``: no Application, router or
+def lowlevel_proxy_handler(upstream_port: int) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
+    """minimal_proxy's forwarding for aiohttp's low-level server (``web.Server``: no Application, router or
     middlewares): the floor of anything built on aiohttp's server and the sidecar's pool."""
     pool, host = _pool(upstream_port), b"127.0.0.1:%d" % upstream_port
 
@@ -123,11 +124,11 @@ def lowlevel_proxy_server(upstream_port: int) -> web.Server:
                 headers.add(name.decode("latin-1"), value.decode("latin-1"))
         return web.Response(status=exchange.status, headers=headers, body=body)
 
-    return web.Server(forward)
+    return forward
 
 
 async def lowlevel_proxy(port: int, upstream_port: int) -> None:
-    runner = web.ServerRunner(lowlevel_proxy_server(upstream_port), access_log=None)
+    runner = web.ServerRunner(web.Server(lowlevel_proxy_handler(upstream_port)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:

@@ -160,19 +160,29 @@ class Dispatch:
     def bind(self, app: web.Application) -> None:
         self._app, self._forwarder = app, app[FORWARDER]
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine itself: the forwarder's is the request's, with no frame of ours around it.
+        if "Expect" in request.headers:
+            return self._expecting(request)
+        return self._route(request)
+
+    def _route(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         forwarder, app = self._forwarder, self._app
         assert forwarder is not None and app is not None, "Dispatch.bind(app) comes first"
-        if "Expect" in request.headers:
-            refused = await _expect(request)
-            if refused is not None:
-                return refused
         raw = request.raw_path
         if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:
             route = RESERVED.get(request.rel_url.path_safe)
             if route is not None:
-                return _reserved(app, request, *route)
-        return await forwarder.handle(request)
+                return _answered(_reserved(app, request, *route))
+        return forwarder.handle(request)
+
+    async def _expecting(self, request: web.BaseRequest) -> web.StreamResponse:
+        refused = await _expect(request)
+        return refused if refused is not None else await self._route(request)
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 DISPATCH = web.AppKey("dispatch", Dispatch)  # bound to its app when the app has started

@@ -29,7 +29,6 @@ from .app import (
     SECRETS,
     TOKENS,
     WORKER,
-    Handler,
     idp_ssl_context,
     log_startup,
     make_app,
@@ -170,10 +169,9 @@ async def serve(
     app = make_app(config)
     if worker is not None:
         app[WORKER] = {"index": worker.index, "of": worker.count, "pid": os.getpid()}
-    requests: set[asyncio.Task[Any]] = set()
     runner = SidecarRunner(
         app,
-        _tracked(requests, app[DISPATCH]),
+        app[DISPATCH],
         access_log=None,  # we log requests ourselves, without query strings
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         # A connection with no request under way (idle keep-alive, or a request head still arriving) is
@@ -230,26 +228,11 @@ async def serve(
     event("sidecar.stopping", grace_s=config.listen.shutdown_grace_s)
     if watching is not None:
         watching.cancel()
-    await _drain(runner, requests, config.listen.shutdown_grace_s)
+    await _drain(runner, app[FORWARDER].under_way, config.listen.shutdown_grace_s)
     await runner.cleanup()  # the app's cleanup: the token manager stops, the session ends (revoke_on_shutdown)
     flush_access_log()  # the drained requests' lines come before the last one
     event("sidecar.stopped")
     return EXIT_OK
-
-
-def _tracked(requests: set[asyncio.Task[Any]], handler: Handler) -> Handler:
-    """``handler``, keeping the task of every request under way in ``requests``, for :func:`_drain`."""
-
-    async def tracked(request: web.BaseRequest) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        requests.add(task)
-        try:
-            return await handler(request)
-        finally:
-            requests.discard(task)
-
-    return tracked
 
 
 async def _drain(runner: web.BaseRunner, requests: set[asyncio.Task[Any]], grace: float) -> None:

@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -158,6 +159,8 @@ class Forwarder:
         # fraction of uuid4's cost (it reads os.urandom for every request).
         self._id_prefix = secrets.token_hex(10)
         self._ids = itertools.count(1)
+        # The tasks of the requests under way (a shutdown lets them finish, then cancels what is left).
+        self.under_way: set[asyncio.Task[Any]] = set()
 
     def set_static_headers(self, headers: Mapping[str, str]) -> None:
         """Put the static ``[inject] headers`` in force (at start, and when a ``headers_file`` rotates: its
@@ -174,6 +177,10 @@ class Forwarder:
             request_id = f"{self._id_prefix}{next(self._ids):012x}"
         progress = Progress()
         self._metrics.in_flight_count += 1
+        task = asyncio.current_task()
+        assert task is not None
+        under_way = self.under_way
+        under_way.add(task)
         try:
             return await self._forward(request, method, request_id, progress)
         except SidecarError as exc:
@@ -209,6 +216,7 @@ class Forwarder:
             progress.outcome = progress.outcome or "client_gone"  # the client hung up: aiohttp cancelled us
             raise
         finally:
+            under_way.discard(task)
             self._metrics.in_flight_count -= 1
             if self._access_log and access_log.isEnabledFor(logging.INFO):
                 log_request(
@@ -345,28 +353,26 @@ class Forwarder:
 
     def _response_lines(self, upstream: Exchange, drop: frozenset[bytes], request_id: str, cors: bool) -> bytes:
         """The upstream's end-to-end header lines for the client, and X-Request-Id when it sent none."""
-        connection: list[bytes] = []
-        kept = []
+        # One pass in the common case, where a Connection header names only hop-by-hop headers (nginx's
+        # "keep-alive"); a name beyond those (or CORS, which replaces the upstream's Allow-Origin) needs the
+        # names known before the lines are chosen: the second pass below.
+        lines: list[bytes] = []
+        more = bool(cors)
+        has_id = False
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
-                if lowered == b"connection":
-                    connection.append(value)
+                if lowered == b"connection" and not more:
+                    more = not _named_in_connection((value,)) <= drop
                 continue
-            kept.append((lowered, name, value))
-        named = _named_in_connection(connection) if connection else set()
-        if cors:
-            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
+            lines += (name, b": ", value, b"\r\n")
+            has_id = has_id or lowered == b"x-request-id"
+        if more:
+            lines, has_id = self._response_lines_named(upstream, drop, cors)
         # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1). llhttp has refused
         # CR, LF and NUL inside them and inside the reason; the scan below is the second lock on that door,
         # since one stray LF here would let the upstream write a second response head to the client.
         reason = upstream.reason.encode("latin-1")
-        lines: list[bytes] = []
-        has_id = False
-        for lowered, name, value in kept:
-            if lowered not in named:
-                lines += (name, b": ", value, b"\r\n")
-                has_id = has_id or lowered == b"x-request-id"
         raw = b"".join(lines)
         count = len(lines) // 4
         if (
@@ -380,6 +386,22 @@ class Forwarder:
         if not has_id:
             raw += b"X-Request-Id: %s\r\n" % request_id.encode("ascii")
         return raw
+
+    @staticmethod
+    def _response_lines_named(upstream: Exchange, drop: frozenset[bytes], cors: bool) -> tuple[list[bytes], bool]:
+        """The lines (and whether X-Request-Id is among them) without the headers the upstream's Connection
+        header names (RFC 9110 §7.6.1), nor, with ``cors``, its Access-Control-Allow-Origin."""
+        named = _named_in_connection(value for name, value in upstream.headers if name.lower() == b"connection")
+        if cors:
+            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
+        lines: list[bytes] = []
+        has_id = False
+        for name, value in upstream.headers:
+            lowered = name.lower()
+            if lowered not in drop and lowered not in named:
+                lines += (name, b": ", value, b"\r\n")
+                has_id = has_id or lowered == b"x-request-id"
+        return lines, has_id
 
     async def _tunnel(
         self, request: web.BaseRequest, upstream: Exchange, request_id: str, accept: str, progress: Progress

@@ -6,10 +6,11 @@ value. On top of that, :class:`RedactingFilter` masks anything shaped like a JWT
 secret in every record, as a safety net.
 
 The access line (``request``, one per forwarded request) is the one line on the hot path: once
-:func:`setup_logging` has run, :class:`AccessWriter` builds it as text directly, formatted exactly as the
-handler would format the record, redacts the fields that can carry what a client sent, and hands it to a
-thread that writes a batch every ``ACCESS_FLUSH_S``. A slow stderr never blocks the event loop: past
-``ACCESS_MAX_PENDING`` waiting lines, lines are dropped and counted (``log.access_dropped``).
+:func:`setup_logging` has run, :class:`AccessWriter` only queues its fields there; a thread of its own
+builds the lines in batches every ``ACCESS_FLUSH_S`` (formatted exactly as the handler would format the
+record, with the fields that can carry what a client sent redacted) and writes each batch at once. A slow
+stderr never blocks the event loop: past ``ACCESS_MAX_PENDING`` waiting lines, lines are dropped and
+counted (``log.access_dropped``).
 
 Metrics use ``prometheus_client`` with one registry per app, so two apps in one process (tests,
 ``--dev``) never share counters.
@@ -230,8 +231,12 @@ def log_request(
 
 
 class AccessWriter:
-    """Builds access lines as the handler's formatter and :class:`RedactingFilter` would, and writes them
-    in batches from a thread of its own.
+    """Queues access lines' fields on the event loop's thread, and builds and writes the lines in batches
+    from a thread of its own, as the handler's formatter and :class:`RedactingFilter` would have.
+
+    Building a line per request cost the request several times what building it takes in a batch: the
+    formatting and redaction code, run once between two requests' worth of proxy code, pushed that code
+    out of the CPU's caches. Queued, a request pays one ``deque.extend``.
 
     What is redacted: the path (the raw path a client sent, any bytes it liked), the request id (the
     client's ``X-Request-Id``: any printable ASCII), a method outside the standard ones (any token
@@ -240,13 +245,16 @@ class AccessWriter:
     of secrets (a configured secret could be "POST").
     """
 
+    FIELDS = 8  # (time, method, path, status, bytes, duration_ms, request_id, outcome): queued flat, no tuple
+
     def __init__(self, handler: logging.StreamHandler[Any], fmt: str, redactor: Redactor) -> None:
         self.handler = handler
         self._json = fmt == "json"
         self._redact = redactor
-        self._pending: deque[str] = deque()
+        self._pending: deque[Any] = deque()
+        self._max_pending = ACCESS_MAX_PENDING * self.FIELDS
         self.dropped = 0  # counted by the event loop's thread only
-        self._reported = 0  # by the writer's thread only
+        self._reported = 0  # by the writing thread only
         self._event = ""
         self._plain_methods: frozenset[str] = frozenset()
         self._generation = -1
@@ -263,10 +271,28 @@ class AccessWriter:
     def write(
         self, method: str, path: str, status: int, size: int, duration_ms: float, request_id: str, outcome: str
     ) -> None:
+        """Queue one line (the event loop's thread: no formatting, no I/O)."""
         pending = self._pending
-        if len(pending) >= ACCESS_MAX_PENDING:
+        if len(pending) >= self._max_pending:
             self.dropped += 1
             return
+        # One extend is one step under the GIL: the writing thread never sees half a line's fields.
+        pending.extend((time.time(), method, path, status, size, duration_ms, request_id, outcome))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="oauth-sidecar-access-log", daemon=True)
+            self._thread.start()
+
+    def _line(
+        self,
+        now: float,
+        method: str,
+        path: str,
+        status: int,
+        size: int,
+        duration_ms: float,
+        request_id: str,
+        outcome: str,
+    ) -> str:
         redact = self._redact
         if self._generation != redact.generation:
             self._generation = redact.generation
@@ -276,42 +302,39 @@ class AccessWriter:
             method = redact(method)
         path = redact(path)
         request_id = redact(request_id)
-        now = time.time()
         if self._json:
             line = (
                 f'{{"ts": {round(now, 3)!r}, "level": "info", "event": {_json_str(self._event)}, {_ACCESS_LOGGER}, '
                 f'"method": {_json_str(method)}, "path": {_json_str(path)}, "status": {status:d}, '
                 f'"bytes": {size:d}, "duration_ms": {duration_ms!r}, "request_id": {_json_str(request_id)}'
             )
-            line += f', "outcome": {_json_str(redact(outcome))}}}\n' if outcome else "}\n"
-        else:
-            second = int(now)
-            if second != self._second:
-                self._second = second
-                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            line = (
-                f"{self._stamp}Z info {self._event} method={_text(method)} path={_text(path)} status={status:d} "
-                f"bytes={size:d} duration_ms={duration_ms!r} request_id={_text(request_id)}"
-            )
-            line += f" outcome={_text(redact(outcome))}\n" if outcome else "\n"
-        pending.append(line)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="oauth-sidecar-access-log", daemon=True)
-            self._thread.start()
+            return line + (f', "outcome": {_json_str(redact(outcome))}}}\n' if outcome else "}\n")
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        line = (
+            f"{self._stamp}Z info {self._event} method={_text(method)} path={_text(path)} status={status:d} "
+            f"bytes={size:d} duration_ms={duration_ms!r} request_id={_text(request_id)}"
+        )
+        return line + (f" outcome={_text(redact(outcome))}\n" if outcome else "\n")
 
     def flush(self) -> None:
-        """Write every waiting line now (and the count of dropped ones), from the calling thread."""
+        """Build and write every waiting line now (and the count of dropped ones), from the calling thread."""
         pending = self._pending
         if not pending and self.dropped == self._reported:
             return
         # Under the handler's lock, so batches and the other events' lines never interleave mid-line, and
         # two flushes (the thread's, a shutdown's) write their batches in order.
         with self.handler.lock or _NO_LOCK:
-            lines = [pending.popleft() for _ in range(len(pending))]
-            if lines:
+            queued = len(pending) // self.FIELDS * self.FIELDS
+            fields = [pending.popleft() for _ in range(queued)]
+            if fields:
+                line, n = self._line, self.FIELDS
+                text = "".join([line(*fields[i : i + n]) for i in range(0, queued, n)])
                 stream = self.handler.stream
                 try:
-                    stream.write("".join(lines))
+                    stream.write(text)
                     stream.flush()
                 except (OSError, ValueError):  # stderr closed or gone: nothing to write to
                     pass

@@ -62,6 +62,10 @@ class Body(enum.Enum):
     CHUNKED = "chunked"  # Transfer-Encoding: chunked
     UNTIL_CLOSE = "until_close"  # a response read until the connection closes (RFC 9112 §6.3 rule 8)
 
+    # Members are singletons compared by identity: hash them so too. Enum's own __hash__ is Python code
+    # (hash of the name), and every exchange looks these up several times (Framing, TRANSITIONS).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Framing:
@@ -182,6 +186,8 @@ class Phase(enum.Enum):
     DONE = "done"  # this direction's message is complete
     ERROR = "error"  # this exchange failed; the connection must close
 
+    __hash__ = object.__hash__  # as Body's
+
 
 class Event(enum.Enum):
     HEAD = "head"  # a head whose framing announces a body
@@ -189,6 +195,8 @@ class Event(enum.Enum):
     INFORMATIONAL = "informational"  # a 1xx response head (103 Early Hints, a stray 100 Continue)
     END = "end"  # the last body byte
     FAIL = "fail"
+
+    __hash__ = object.__hash__  # as Body's
 
 
 TRANSITIONS: dict[Phase, dict[Event, Phase]] = {

@@ -9,7 +9,7 @@ import copy
 from aiohttp import ClientSession, web
 
 from bench import run
-from bench.servers import SMALL_BODY, minimal_proxy_app, start_lean_proxy, upstream_app
+from bench.servers import SMALL_BODY, lowlevel_proxy_handler, minimal_proxy_app, start_lean_proxy, upstream_app
 
 
 async def _recording_upstream(aiohttp_server, tmp_path):  # type: ignore[no-untyped-def]
@@ -31,19 +31,20 @@ async def _get(url: str) -> tuple[int, bytes]:
             return resp.status, await resp.read()
 
 
-async def test_reference_proxies_forward_with_their_token(aiohttp_server, tmp_path):
+async def test_reference_proxies_forward_with_their_token(aiohttp_server, aiohttp_raw_server, tmp_path):
     upstream, seen = await _recording_upstream(aiohttp_server, tmp_path)
     minimal = await aiohttp_server(minimal_proxy_app(upstream.port))
+    lowlevel = await aiohttp_raw_server(lowlevel_proxy_handler(upstream.port))
     lean = await start_lean_proxy(0, upstream.port)
     lean_port = lean.sockets[0].getsockname()[1]
     try:
-        for port in (minimal.port, lean_port):
+        for port in (minimal.port, lowlevel.port, lean_port):
             for _ in range(3):  # keep-alive reuse on both sides
                 assert await _get(f"http://127.0.0.1:{port}/small") == (200, SMALL_BODY)
     finally:
         lean.close()
         await asyncio.wait_for(lean.wait_closed(), 5)
-    assert len(seen) == 6
+    assert len(seen) == 9
     assert all(h["Authorization"].startswith("Bearer xxx") for h in seen)
     assert all(h["Host"] == f"127.0.0.1:{upstream.port}" for h in seen)
 
