@@ -224,7 +224,7 @@ class Forwarder:
                     _logged_path(request),
                     progress.status,
                     progress.size,
-                    round((time.monotonic() - started) * 1000, 2),
+                    time.monotonic() - started,
                     request_id,
                     progress.outcome,
                 )
@@ -362,7 +362,7 @@ class Forwarder:
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
-                if lowered == b"connection" and not more:
+                if lowered == b"connection" and not more and value.lower() not in _HOP_BY_HOP_ONLY:
                     more = not _named_in_connection((value,)) <= drop
                 continue
             lines += (name, b": ", value, b"\r\n")
@@ -480,6 +480,10 @@ class Forwarder:
             return response
         await response.write_eof()
         return response
+
+
+# Connection header values that name nothing beyond the hop-by-hop headers (nginx sends keep-alive).
+_HOP_BY_HOP_ONLY = frozenset((b"keep-alive", b"upgrade"))
 
 
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:

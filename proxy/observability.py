@@ -208,21 +208,21 @@ _ACCESS_LOGGER = '"logger": "oauth_sidecar.access"'
 
 
 def log_request(
-    method: str, path: str, status: int, size: int, duration_ms: float, request_id: str, outcome: str = ""
+    method: str, path: str, status: int, size: int, seconds: float, request_id: str, outcome: str = ""
 ) -> None:
     """The access line of one request (the caller has checked ``access_log.isEnabledFor(INFO)``). Written
     by the :class:`AccessWriter` when the logging is still as :func:`setup_logging` left it; else logged
     as a record, for whatever handlers (pytest's capture) are in place."""
     writer = _access_writer
     if writer is not None and writer.owns_output():
-        writer.write(method, path, status, size, duration_ms, request_id, outcome)
+        writer.write(method, path, status, size, seconds, request_id, outcome)
         return
     fields: dict[str, Any] = {
         "method": method,
         "path": path,
         "status": status,
         "bytes": size,
-        "duration_ms": duration_ms,
+        "duration_ms": round(seconds * 1000, 2),
         "request_id": request_id,
     }
     if outcome:
@@ -245,7 +245,7 @@ class AccessWriter:
     of secrets (a configured secret could be "POST").
     """
 
-    FIELDS = 8  # (time, method, path, status, bytes, duration_ms, request_id, outcome): queued flat, no tuple
+    FIELDS = 8  # (time, method, path, status, bytes, seconds, request_id, outcome): queued flat, no tuple
 
     def __init__(self, handler: logging.StreamHandler[Any], fmt: str, redactor: Redactor) -> None:
         self.handler = handler
@@ -269,7 +269,7 @@ class AccessWriter:
         return len(handlers) == 1 and handlers[0] is self.handler and not access_log.handlers and access_log.propagate
 
     def write(
-        self, method: str, path: str, status: int, size: int, duration_ms: float, request_id: str, outcome: str
+        self, method: str, path: str, status: int, size: int, seconds: float, request_id: str, outcome: str
     ) -> None:
         """Queue one line (the event loop's thread: no formatting, no I/O)."""
         pending = self._pending
@@ -277,7 +277,7 @@ class AccessWriter:
             self.dropped += 1
             return
         # One extend is one step under the GIL: the writing thread never sees half a line's fields.
-        pending.extend((time.time(), method, path, status, size, duration_ms, request_id, outcome))
+        pending.extend((time.time(), method, path, status, size, seconds, request_id, outcome))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="oauth-sidecar-access-log", daemon=True)
             self._thread.start()
@@ -289,10 +289,11 @@ class AccessWriter:
         path: str,
         status: int,
         size: int,
-        duration_ms: float,
+        seconds: float,
         request_id: str,
         outcome: str,
     ) -> str:
+        duration_ms = round(seconds * 1000, 2)
         redact = self._redact
         if self._generation != redact.generation:
             self._generation = redact.generation

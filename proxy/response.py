@@ -47,7 +47,7 @@ class RelayResponse(web.StreamResponse):
         assert request is not None
         client_11 = request.version >= HttpVersion11
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        parts = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._raw_reason), self._lines]
+        parts = [_status_line(self.status, self._raw_reason), self._lines]
         framing, whole = self._framing, self._whole
         if self._must_be_empty_body:
             pass  # the upstream's Content-Length, if any, is among the lines: it describes a GET's body
@@ -84,3 +84,16 @@ class RelayResponse(web.StreamResponse):
             writer.length = self._framing.length
         elif self._chunk:
             writer.enable_chunking()
+
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n``, made once per status and reason (at most a few hundred are kept)."""
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[(status, reason)] = line
+    return line

@@ -387,9 +387,11 @@ def test_the_fast_access_line_is_the_line_the_record_would_give(fmt, monkeypatch
     buffer = io.StringIO()
     setup_logging("info", fmt, LINE_SECRETS, stream=buffer)
     for method, path, status, size, duration_ms, request_id, outcome in ACCESS_CASES:
-        log_request(method, path, status, size, duration_ms, request_id, outcome)
+        seconds = duration_ms / 1000  # the forwarder passes seconds; the line shows milliseconds, rounded
+        log_request(method, path, status, size, seconds, request_id, outcome)
         flush_access_log()
-        fields = {"method": method, "path": path, "status": status, "bytes": size, "duration_ms": duration_ms}
+        fields = {"method": method, "path": path, "status": status, "bytes": size}
+        fields["duration_ms"] = round(seconds * 1000, 2)
         fields["request_id"] = request_id
         if outcome:
             fields["outcome"] = outcome
@@ -408,7 +410,7 @@ def test_the_access_line_is_a_record_when_someone_else_listens(caplog):
     with its fields, as before."""
     setup_logging("info", "text", [], stream=io.StringIO())
     logging.getLogger("oauth_sidecar").addHandler(caplog.handler)
-    log_request("GET", "/v1/x", 200, 5, 0.5, "id-1", "client_gone")
+    log_request("GET", "/v1/x", 200, 5, 0.0005, "id-1", "client_gone")  # seconds, logged in ms
     (record,) = [r for r in caplog.records if r.name == "oauth_sidecar.access"]
     assert record.getMessage() == "request"
     assert record.fields == {  # type: ignore[attr-defined]
