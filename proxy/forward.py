@@ -234,9 +234,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         allowed_origin = self._guard.check_listener(request)
         if allowed_origin is not None and method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            response = self._guard.preflight(request, allowed_origin)
-            progress.status = response.status
-            return response
+            preflight = self._guard.preflight(request, allowed_origin)
+            progress.status = preflight.status
+            return preflight
         target = self._target(request)
         self._guard.check_api_key(request)
         self._guard.check_forward(method, target.partition("?")[0])
@@ -292,7 +292,11 @@ class Forwarder:
                 self._tokens.accepted(token)  # evidence for a later 401: this token was good (state.py)
             if upstream.status == 101:  # only ever the answer to an upgrade (the pool refuses it otherwise)
                 return await self._tunnel(request, upstream, request_id, accept, progress)
-            return await self._relay(request, upstream, request_id, allowed_origin, progress)
+            complete = upstream.complete  # a small answer, whole already: no relay coroutine, one write
+            relayed = self._response(request, upstream, request_id, allowed_origin, progress, complete)
+            if complete:
+                return relayed
+            return await self._relay(request, upstream, relayed, request_id, progress)
         finally:
             upstream.release()
 
@@ -422,9 +426,16 @@ class Forwarder:
         )
         return response
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: Exchange, request_id: str, origin: str | None, progress: Progress
-    ) -> web.StreamResponse:
+    def _response(
+        self,
+        request: web.BaseRequest,
+        upstream: Exchange,
+        request_id: str,
+        origin: str | None,
+        progress: Progress,
+        complete: bool,
+    ) -> RelayResponse:
+        """The client's response to the upstream's: its head, and its body when the whole body is here."""
         status = upstream.status
         framing = upstream.framing
         bodiless = framing.body is Body.NONE and status != 204  # HEAD and 304: their Content-Length passes through
@@ -434,17 +445,25 @@ class Forwarder:
             raw += b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % origin.encode("latin-1")
         reason = upstream.reason.encode("latin-1")
         self._metrics.count_request(request.method, status, "upstream")
+        if not complete:
+            return RelayResponse(status, reason, raw, framing)
+        # The whole body is here already (small responses): head and body in one write.
+        body = upstream.take()
+        progress.status = status
+        progress.size = len(body)
+        self._metrics.bytes_out_total += len(body)
+        return RelayResponse(status, reason, raw, framing, whole=body)
 
-        if upstream.complete:
-            # The whole body is here already (small responses): head and body in one write.
-            body = upstream.take()
-            response = RelayResponse(status, reason, raw, framing, whole=body)
-            progress.status = status
-            progress.size = len(body)
-            self._metrics.bytes_out_total += len(body)
-            return response
-
-        response = RelayResponse(status, reason, raw, framing)
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: Exchange,
+        response: RelayResponse,
+        request_id: str,
+        progress: Progress,
+    ) -> web.StreamResponse:
+        """Stream the upstream's body to the client as it arrives, with backpressure."""
+        status = upstream.status
         await response.prepare(request)
         progress.status = status
         try:
