@@ -89,28 +89,10 @@ async def _whole_body(exchange) -> bytes:  # type: ignore[no-untyped-def]
     return b"".join(chunks)
 
 
-def minimal_proxy_app(upstream_port: int) -> web.Application:
-    pool, host = _pool(upstream_port), b"127.0.0.1:%d" % upstream_port
-
-    async def forward(request: web.Request) -> web.Response:
-        method = request.method
-        head = _head(method.encode(), request.raw_path.encode(), list(request.raw_headers), host)
-        exchange = await pool.request(method, head, None)
-        body = await _whole_body(exchange)
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in exchange.headers:
-            if name.lower() not in _DROP_RESPONSE:
-                headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        return web.Response(status=exchange.status, headers=headers, body=body)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    return app
-
-
 def lowlevel_proxy_handler(upstream_port: int) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
-    """minimal_proxy's forwarding for aiohttp's low-level server (``web.Server``: no Application, router or
-    middlewares): the floor of anything built on aiohttp's server and the sidecar's pool."""
+    """The least a proxy on aiohttp's server and the sidecar's pool can do: forward with a fixed token, relay
+    the answer whole. On the low-level server (``web.Server``: no Application, router or middlewares) it
+    is the floor the sidecar is measured against; ``minimal_proxy_app`` serves it as an Application."""
     pool, host = _pool(upstream_port), b"127.0.0.1:%d" % upstream_port
 
     async def forward(request: web.BaseRequest) -> web.Response:
@@ -125,6 +107,12 @@ def lowlevel_proxy_handler(upstream_port: int) -> Callable[[web.BaseRequest], Aw
         return web.Response(status=exchange.status, headers=headers, body=body)
 
     return forward
+
+
+def minimal_proxy_app(upstream_port: int) -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", lowlevel_proxy_handler(upstream_port))
+    return app
 
 
 async def lowlevel_proxy(port: int, upstream_port: int) -> None:
