@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from proxy import state
 from proxy.observability import LOGGER_NAME
 from proxy.tokens import TokenManager
 
@@ -64,12 +63,3 @@ async def managers() -> AsyncIterator[Callable[..., TokenManager]]:
     yield make
     for manager in made:
         await manager.close()
-
-
-@pytest.fixture
-def quick_logins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Logins spaced 50 ms apart instead of state.MIN_LOGIN_INTERVAL_S (1 s), for a test whose second login
-    is incidental: it would wait a second for it, and asserts nothing about the spacing. The spacing itself is
-    tested at its real value (test_state, test_tokens, test_token_attacks): never use this where a test
-    asserts how far apart logins are, or reads MIN_LOGIN_INTERVAL_S."""
-    monkeypatch.setattr(state, "MIN_LOGIN_INTERVAL_S", 0.05)

@@ -29,10 +29,9 @@ from proxy.observability import (
     log_request,
     setup_logging,
 )
-from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_app, start_idp, start_proxy
 
 # A second login waits 50 ms, not 1 s: no test here is about the login spacing.
-pytestmark = pytest.mark.usefixtures("quick_logins")
 
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
 PASSWORD = "pw-unit-test-Qx81-never-log"
@@ -108,7 +107,9 @@ async def test_healthy_answers_while_not_ready(aiohttp_server, aiohttp_client):
     """/-/healthy is liveness: 200 while the process runs, even when the credentials are refused."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"password": "wrong-password"}))
+    client = await start_proxy(
+        aiohttp_client, _config(idp, api_url, auth={"password": "wrong-password"}), **QUICK_LOGINS
+    )
     await _eventually(lambda: _status_is(client, "rejected"))
     resp = await client.get("/-/healthy")
     assert resp.status == 200
@@ -125,7 +126,7 @@ async def test_ready_with_a_token(aiohttp_server, aiohttp_client):
     """/-/ready answers 200 with the state and the token's remaining lifetime once a token is held."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     await _ready(client)
     body = await (await client.get("/-/ready")).json()
     assert body["ready"] is True
@@ -138,7 +139,7 @@ async def test_not_ready_when_login_rejected(aiohttp_server, aiohttp_client):
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url, auth={"password": "wrong-password"})
-    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 120.0)
+    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 120.0, **QUICK_LOGINS)
     await _eventually(lambda: _status_is(client, "rejected"))
     resp = await client.get("/-/ready")
     assert resp.status == 503
@@ -155,7 +156,9 @@ async def test_not_ready_when_idp_unreachable(aiohttp_server, aiohttp_client, un
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url, auth={"token_url": f"http://127.0.0.1:{unused_tcp_port}/token"})
-    client = await start_proxy(aiohttp_client, config, transient_backoff=lambda attempt, rand, retry_after=None: 30.0)
+    client = await start_proxy(
+        aiohttp_client, config, transient_backoff=lambda attempt, rand, retry_after=None: 30.0, **QUICK_LOGINS
+    )
     await _eventually(lambda: _status_is(client, "backing_off"))
     resp = await client.get("/-/ready")
     assert resp.status == 503
@@ -169,7 +172,7 @@ async def test_status_shows_state_expiry_last_refresh_last_error_and_counters(ai
     idp = await _idp(aiohttp_server)
     idp.fail_next(Fault(503, {"error": "temporarily_unavailable", "error_description": "Keycloak is starting"}))
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     await _ready(client)
     assert (await client.get("/v1/hello", headers=KEY)).status == 200
 
@@ -214,7 +217,7 @@ async def test_metrics_exposition(aiohttp_server, aiohttp_client):
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream)
-    client = await start_proxy(aiohttp_client, _config(idp, await start_app(aiohttp_server, app)))
+    client = await start_proxy(aiohttp_client, _config(idp, await start_app(aiohttp_server, app)), **QUICK_LOGINS)
     await _ready(client)  # after one rejected login and the backoff, the second login succeeds
 
     assert (await client.get("/ok", headers=KEY)).status == 200
@@ -288,7 +291,7 @@ async def test_other_methods_share_one_series(aiohttp_server, aiohttp_client):
     """Methods outside the standard set (WebDAV and the like) are counted as one class, OTHER."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     for method in ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "PURGE"):
         assert (await client.request(method, "/v1/echo", headers=KEY)).status == 200
     m = _metrics(await (await client.get("/-/metrics", headers=KEY)).text())
@@ -305,7 +308,7 @@ async def _proxy_logging_to(buffer: io.StringIO, fmt: str, aiohttp_server: Any, 
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url)
     setup_logging("info", fmt, config.secrets(), stream=buffer)
-    return await start_proxy(aiohttp_client, config)
+    return await start_proxy(aiohttp_client, config, **QUICK_LOGINS)
 
 
 async def test_json_access_log_and_request_id(aiohttp_server, aiohttp_client):
@@ -469,7 +472,9 @@ async def _full_cycle(aiohttp_server: Any, aiohttp_client: Any, **auth: Any) -> 
         Fault(400, {"error": "invalid_grant", "error_description": "Account disabled"}),
     )
     api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"revoke_on_shutdown": True, **auth}))
+    client = await start_proxy(
+        aiohttp_client, _config(idp, api_url, auth={"revoke_on_shutdown": True, **auth}), **QUICK_LOGINS
+    )
     await _ready(client)
     assert (await client.get("/v1/hello?who=me", headers=KEY)).status == 200
     assert (await client.post("/v1/echo", data=b"payload", headers=KEY)).status == 200

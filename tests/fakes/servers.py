@@ -66,6 +66,13 @@ def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any])
     return config_from_mapping(deep_merge(base, sections), source="test")
 
 
+# Manager options for a test whose second login is incidental: logins spaced 50 ms apart instead of
+# state.MIN_LOGIN_INTERVAL_S (1 s), which it would wait for while asserting nothing about the spacing. The
+# spacing itself is tested at its real value (test_state, test_tokens): never use this where a test asserts
+# how far apart logins are, or reads MIN_LOGIN_INTERVAL_S.
+QUICK_LOGINS: dict[str, Any] = {"min_login_interval_s": 0.05}
+
+
 async def start_proxy(aiohttp_client: ClientFactory, config: Config, **manager_options: Any) -> TestClient:
     """The proxy app under a test client; backoffs are fast unless given."""
     options = {**FAST_BACKOFF, **manager_options}
