@@ -22,7 +22,7 @@ from proxy.demo import Fault
 from proxy.observability import TextFormatter
 from proxy.state import Phase
 from tests.fakes.endpoints import HeldIdP, SlowIdP
-from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.servers import QUICK_LOGINS, keycloak_config, serve_idp, start_api, start_app, start_idp, start_proxy
 from tests.fakes.vendors import FakeOAuth2, start_fake
 from tests.faults.conftest import events, manager, proxy_config, wait_for
 
@@ -53,9 +53,7 @@ async def steady_traffic(client, seconds: float, workers: int = 4, pause: float 
 
 async def test_burst_of_200_requests_causes_one_login(aiohttp_server, aiohttp_client):
     """200 requests arriving while the first login is still in flight all succeed on that one login."""
-    idp = HeldIdP()
-    server = await aiohttp_server(idp.app())
-    idp.base_url = str(server.make_url("")).rstrip("/")
+    idp = await serve_idp(aiohttp_server, HeldIdP())
     api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
     # A session without the default limit of 100 connections, so all 200 are at the proxy together.

@@ -29,7 +29,8 @@ from proxy.observability import (
     log_request,
     setup_logging,
 )
-from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.endpoints import RecordingIdP
+from tests.fakes.servers import QUICK_LOGINS, keycloak_config, serve_idp, start_api, start_app, start_proxy
 
 # A second login waits 50 ms, not 1 s: no test here is about the login spacing.
 
@@ -41,20 +42,9 @@ KEY = {"X-Api-Key": API_KEY}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
-async def _idp(aiohttp_server: Any, **options: Any) -> DemoIdP:
-    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD}, clients={"demo-client": CLIENT_SECRET}, **options)
-    issued: list[str] = []
-    original = idp._issue
-
-    def issue(subject: str, client_id: str) -> web.Response:  # remember every token value handed out
-        response = original(subject, client_id)
-        body = json.loads(response.body)  # type: ignore[arg-type]
-        issued.extend(v for k, v in body.items() if k in ("access_token", "refresh_token"))
-        return response
-
-    idp._issue = issue  # type: ignore[method-assign]
-    idp.issued = issued  # type: ignore[attr-defined]
-    return idp
+async def _idp(aiohttp_server: Any, **options: Any) -> RecordingIdP:
+    idp = RecordingIdP(users={"demo": PASSWORD}, clients={"demo-client": CLIENT_SECRET}, **options)
+    return await serve_idp(aiohttp_server, idp)
 
 
 def _config(idp: DemoIdP, upstream: str, **sections: dict[str, Any]) -> Any:
@@ -63,8 +53,8 @@ def _config(idp: DemoIdP, upstream: str, **sections: dict[str, Any]) -> Any:
     return keycloak_config(idp, upstream, auth=auth, access=access, **sections)
 
 
-def _secrets(idp: DemoIdP) -> list[str]:
-    values = [PASSWORD, CLIENT_SECRET, API_KEY, *idp.issued]  # type: ignore[attr-defined]
+def _secrets(idp: RecordingIdP) -> list[str]:
+    values = [PASSWORD, CLIENT_SECRET, API_KEY, *idp.issued]
     assert all(len(v) > 8 for v in values)
     return values
 
@@ -518,7 +508,7 @@ async def test_no_secret_in_debug_logs_of_a_full_cycle(aiohttp_server, aiohttp_c
     idp, _ = await _full_cycle(aiohttp_server, aiohttp_client)
     assert any(r["password"] == PASSWORD and r["client_secret"] == CLIENT_SECRET for r in idp.requests)
     secrets = _secrets(idp)
-    assert len(idp.issued) >= 4  # type: ignore[attr-defined]  # two access and two refresh tokens
+    assert len(idp.issued) >= 4  # two access and two refresh tokens
 
     text_format, json_format = TextFormatter(), JsonFormatter()
     outputs = []

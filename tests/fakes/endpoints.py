@@ -1,10 +1,11 @@
 """Token endpoints for the lifecycle tests: one that holds every request until the test lets it go
-(:class:`HeldIdP`), and one that takes its time and is its own API, refusing tokens past their real expiry
-(:class:`SlowIdP`)."""
+(:class:`HeldIdP`), one that remembers every token value it handed out (:class:`RecordingIdP`), and one
+that takes its time and is its own API, refusing tokens past their real expiry (:class:`SlowIdP`)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections import Counter
@@ -27,6 +28,23 @@ class HeldIdP(DemoIdP):
         self.waiting += 1
         await self.gate.wait()
         return await super().token_endpoint(request)
+
+
+class RecordingIdP(DemoIdP):
+    """A DemoIdP that remembers every access and refresh token value it issued, in ``issued`` (canned
+    faults' bodies left out: only the values its registry of issued tokens holds)."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.issued: list[str] = []
+
+    async def token_endpoint(self, request: web.Request) -> web.StreamResponse:
+        response = await super().token_endpoint(request)
+        body = json.loads(response.body) if isinstance(response, web.Response) and response.status == 200 else None
+        if isinstance(body, dict):
+            access, refresh = body.get("access_token"), body.get("refresh_token")
+            self.issued.extend(v for v, registry in ((access, self.access), (refresh, self.refresh)) if v in registry)
+        return response
 
 
 class SlowIdP:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,6 +14,7 @@ from proxy.demo import DemoAPI, DemoIdP
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ClientFactory = Callable[..., Awaitable[TestClient]]
+IdP = TypeVar("IdP", bound=DemoIdP)
 
 # Backoff policies that keep tests fast: a few tens of milliseconds instead of seconds or minutes.
 FAST_BACKOFF: dict[str, Any] = {
@@ -33,7 +34,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 async def start_idp(aiohttp_server: ServerFactory, **options: Any) -> DemoIdP:
-    idp = DemoIdP(**options)
+    return await serve_idp(aiohttp_server, DemoIdP(**options))
+
+
+async def serve_idp(aiohttp_server: ServerFactory, idp: IdP) -> IdP:
+    """Serve ``idp`` (a DemoIdP or one of the fakes built on it) on 127.0.0.1; sets its base_url."""
     server = await aiohttp_server(idp.app())
     idp.base_url = str(server.make_url("")).rstrip("/")
     return idp
