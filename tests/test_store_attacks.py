@@ -489,7 +489,8 @@ async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_
     """Same credential set, same prefix, another store.key (a second cluster pointed at the same Redis): the
     second cannot open the first's entry. It renews alone, never overwrites it, never loops."""
     idp = FakeIdP(lifetime=1.0)
-    first = manager(idp, redis_store(redis_server.url))
+    first_store = redis_store(redis_server.url)
+    first = manager(idp, first_store)
     other_idp = FakeIdP(lifetime=1.0)
     second_store = redis_store(redis_server.url, key=KEY[::-1])
     second = manager(other_idp, second_store)
@@ -508,7 +509,7 @@ async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_
         await second.close()
     assert errors["no token"] == 0 and second_errors["no token"] == 0 and second_errors["expired token sent"] == 0
     assert status["state"] == "unavailable" and "does not open with this store.key" in status["problem"]
-    assert entry is not None and entry.writer == first._store.owner
+    assert entry is not None and entry.writer == first_store.owner
     assert len(other_idp.calls) <= 1.1 / 0.5 + 2, other_idp.kinds  # renewed alone at its pace, not in a loop
 
 

@@ -249,17 +249,18 @@ async def test_401s_on_one_path_among_accepted_requests_stay_bounded(managers):
 async def test_a_renewal_withheld_passes_the_401_back_without_a_token_request(managers):
     """A 401 on the token a 401-triggered renewal just obtained, never accepted: None at once, no token request;
     a token obtained on schedule since then is renewed again (a second revoke right after a refresh)."""
-    clock = FakeClock()
-    idp = FakeIdP(clock, lifetime=100.0)
-    tm = managers(idp, clock=clock)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=100.0)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
     await tm.get()
     assert await tm.renew_rejected(tm.usable()) is not None
     calls = len(idp.calls)
     assert await tm.renew_rejected(tm.usable()) is None
     assert len(idp.calls) == calls
-    clock.advance(50.0)
-    await tm.get()  # the renewal due at half the lifetime ...
-    await tm._join_flight(None)  # ... as the scheduler would run it
+    tm.start()  # the scheduler ...
+    await vt.run_for(49.9)
+    assert len(idp.calls) == calls  # not before
+    await vt.run_for(0.1)  # ... renews at half the lifetime
     assert len(idp.calls) == calls + 1
     assert await tm.renew_rejected(tm.usable()) is not None
 

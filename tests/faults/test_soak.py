@@ -280,10 +280,10 @@ class WatchedIdP(DemoIdP):
             self.retry_afters.append((time.monotonic(), float(response.headers.get("Retry-After", "0"))))
         return response
 
-    def _issue(self, subject: str, client_id: str) -> web.Response:
+    def issue(self, subject: str, client_id: str) -> web.Response:
         if self.unhealthy():
             self.windows[-1][1] = time.monotonic()
-        response = super()._issue(subject, client_id)
+        response = super().issue(subject, client_id)
         self.issued[next(reversed(self.access))] = time.monotonic()
         return response
 
@@ -307,19 +307,19 @@ class WatchedAPI(DemoAPI):
         super().__init__(idp)
         self.refusals: dict[str, tuple[float, str, str]] = {}  # request id -> (when, why, token)
 
-    def _authorize(self, request: web.Request) -> str | web.Response:
-        who = super()._authorize(request)
+    def authorize(self, request: web.Request) -> str | web.Response:
+        who = super().authorize(request)
         if isinstance(who, web.Response):
             token = request.headers.get(self.header, "")[len(self.prefix) :]
             self.refusals[request.headers["X-Request-Id"]] = (time.monotonic(), self.rejected[-1], token)
         return who
 
-    async def _report(self, request: web.Request) -> web.StreamResponse:
+    async def report(self, request: web.Request) -> web.StreamResponse:
         """With ``cut=N``: the first N bytes of the report, then the connection dies (``framed``: Content-Length)."""
         cut = int(request.query.get("cut", "0"))
         if not cut:
-            return await super()._report(request)
-        who = self._authorize(request)
+            return await super().report(request)
+        who = self.authorize(request)
         if isinstance(who, web.Response):
             return who
         body = b"day,employee,active_minutes\n" + b"2026-11-01,demo-0,0\n" * (cut // 10)
