@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import proxy
 from proxy import state
-from proxy.app import FORWARDER, TOKENS
+from proxy.app import FORWARDER, TOKENS, make_app
 from proxy.demo import DemoAPI, DemoIdP, Fault
 from proxy.errors import NoToken
 from proxy.state import Phase
@@ -39,7 +39,7 @@ from proxy.tokens import TokenManager
 from proxy.upstream import Pool
 from tests.fakes.clock import VirtualTime
 from tests.fakes.idp import FakeIdP
-from tests.fakes.servers import keycloak_config, start_proxy
+from tests.fakes.servers import FAST_BACKOFF, keycloak_config, start_proxy
 from tests.faults.conftest import manager
 
 VIRTUAL_SOAK_S = 40.0
@@ -606,7 +606,6 @@ class Run:
         wave += [asyncio.create_task(self.get()) for _ in range(3)]
         with contextlib.suppress(AssertionError):
             await _wait_until(lambda: self.idp.in_flight == 1, SETTLE_S)
-        self.client.server.runner._shutdown_timeout = GRACE_S  # what cli.serve passes as shutdown_timeout
         began = time.monotonic()
         hurry.set()
         await self.client.server.close()
@@ -679,7 +678,10 @@ async def start_run(aiohttp_server: Any, aiohttp_client: Any, lifetime: float) -
         upstream={"pool_size": POOL_SIZE, "replay_limit_bytes": REPLAY_LIMIT},
         listen={"shutdown_grace_s": GRACE_S},
     )
-    client = await start_proxy(aiohttp_client, config, **BACKOFF)
+    # The grace cli.serve gives requests under way, given to the test server's runner (its shutdown_timeout).
+    server = TestServer(make_app(config, **{**FAST_BACKOFF, **BACKOFF}))
+    await server.start_server(shutdown_timeout=GRACE_S)
+    client = await aiohttp_client(server)
     return Run(client, idp, api, api_server)
 
 
