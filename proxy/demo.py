@@ -127,7 +127,7 @@ class DemoIdP(TokenEndpoint):
         app = web.Application()
         base = f"/realms/{self.realm}/protocol/openid-connect"
         app.router.add_post(f"{base}/token", self.token_endpoint)
-        app.router.add_post(f"{base}/logout", self._logout)
+        app.router.add_post(f"{base}/logout", self.logout_endpoint)
         app.router.add_post(f"{base}/revoke", self._revoke)
         app.router.add_get(f"/realms/{self.realm}/.well-known/openid-configuration", self._discovery)
         return app
@@ -231,7 +231,8 @@ class DemoIdP(TokenEndpoint):
         )
         return web.json_response(body, headers=NO_STORE)
 
-    async def _logout(self, request: web.Request) -> web.Response:
+    async def logout_endpoint(self, request: web.Request) -> web.Response:
+        """POST .../logout (ends the session of a refresh token). Tests wrap it to watch logouts."""
         form = await request.post()
         self.hits["logout"] += 1
         token = form.get("refresh_token")
