@@ -585,7 +585,7 @@ async def test_a_ten_minute_outage_costs_about_one_request_every_10s_after_the_f
     assert len(later) <= 540 / 10, later
     assert all(b - a >= 9.9 for a, b in itertools.pairwise(later)), later
     idp.outcomes = []
-    await vt.run_until(lambda: tm.usable() is not None, within=state.TRANSIENT_BACKOFF_CAP_S * 1.6)
+    await vt.run_until(lambda: tm.usable() is not None, within=state.TRANSIENT_BACKOFF_CAP_S * 1.6, step=1.0)
 
 
 def test_retry_delay_fits_the_token_that_is_left():
