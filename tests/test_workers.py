@@ -26,7 +26,7 @@ from proxy.config import config_from_mapping
 from proxy.observability import Redactor
 from proxy.workers import EXIT_FAILURE, MAX_RESTARTS, RESTART_DELAY_S, _Parent, run_workers
 from tests.fakes.servers import start_api, start_idp
-from tests.test_ops import PASSWORD, Sidecar, _write_config
+from tests.fakes.sidecar import PASSWORD, Sidecar, write_config
 
 pytestmark = pytest.mark.skipif(not config_module.WORKERS_SUPPORTED, reason="listen.workers > 1 is Linux only")
 
@@ -101,7 +101,7 @@ async def test_two_workers_answer_share_one_login_and_stop_on_sigterm(aiohttp_se
     is printed, and SIGTERM stops them all within the grace: exit 0, the private store removed."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=3)))
+    sidecar = await Sidecar.start(_with_workers(write_config(tmp_path, idp.token_url(), upstream, grace=3)))
     try:
         url = await sidecar.url()
         assert not url.endswith(":0")
@@ -138,7 +138,7 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_serves_again(aiohtt
     store (no second login) and answers; the other worker never stopped."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=2)))
+    sidecar = await Sidecar.start(_with_workers(write_config(tmp_path, idp.token_url(), upstream, grace=2)))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
@@ -169,7 +169,7 @@ async def test_workers_end_when_the_parent_is_killed(aiohttp_server, tmp_path):
     """kill -9 of the parent: each worker gets SIGTERM from the kernel and stops, none is left serving."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=1)))
+    sidecar = await Sidecar.start(_with_workers(write_config(tmp_path, idp.token_url(), upstream, grace=1)))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
