@@ -31,11 +31,12 @@ def write_config(
     password_file: str | None = None,
     api_key_file: str = "",
     grace: float = 10,
+    workers: int = 1,
     **auth: Any,
 ) -> Path:
     """tmp_path/config.toml for the keycloak provider (client demo-client, user demo; further ``auth`` keys
-    as given), JSON logs at debug level. The password is read from ``password_file``; without one, PASSWORD
-    is written to tmp_path/password."""
+    as given), ``workers`` processes, JSON logs at debug level. The password is read from ``password_file``;
+    without one, PASSWORD is written to tmp_path/password."""
     if password_file is None:
         (tmp_path / "password").write_text(PASSWORD + "\n")
         password_file = str(tmp_path / "password")
@@ -43,6 +44,7 @@ def write_config(
         "[listen]",
         "port = 0",
         f"shutdown_grace_s = {grace}",
+        *([f"workers = {workers}"] if workers != 1 else []),
         "[upstream]",
         f'url = "{upstream}"',
         "[auth]",
@@ -122,8 +124,12 @@ class Sidecar:
 
     async def exit_code(self, seconds: float = 15.0) -> int:
         code = await asyncio.wait_for(self.proc.wait(), seconds)
-        await asyncio.wait_for(self._reader, 5)
+        await self.output_ended()
         return code
+
+    async def output_ended(self, seconds: float = 5.0) -> None:
+        """Until every process writing to the sidecar's stderr closed it (its last lines are in ``lines``)."""
+        await asyncio.wait_for(self._reader, seconds)
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
