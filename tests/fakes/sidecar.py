@@ -138,15 +138,6 @@ class Sidecar:
         self._reader.cancel()
 
 
-async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(250):
-        async with session.get(url + "/-/ready") as resp:
-            if resp.status == 200:
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the sidecar did not become ready")
-
-
 async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
     """Until the sidecar at ``url`` says /-/ready 200 (bounded: 5 s)."""
     for _ in range(250):
