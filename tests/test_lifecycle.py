@@ -22,9 +22,18 @@ from proxy.demo import Fault
 from proxy.observability import TextFormatter
 from proxy.state import Phase
 from tests.fakes.endpoints import HeldIdP, SlowIdP
-from tests.fakes.servers import QUICK_LOGINS, keycloak_config, serve_idp, start_api, start_app, start_idp, start_proxy
+from tests.fakes.servers import (
+    QUICK_LOGINS,
+    keycloak_config,
+    proxy_config,
+    serve_idp,
+    start_api,
+    start_app,
+    start_idp,
+    start_proxy,
+)
 from tests.fakes.vendors import FakeOAuth2, start_fake
-from tests.faults.conftest import events, manager, proxy_config, wait_for
+from tests.faults.conftest import events, manager, wait_for
 
 WRONG_PASSWORD = "wrong-Pw-7731-not-real"
 

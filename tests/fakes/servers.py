@@ -55,20 +55,26 @@ async def start_app(aiohttp_server: ServerFactory, app: web.Application) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any]) -> Config:
-    """A proxy config for the demo Keycloak-like provider, with per-section overrides."""
+def proxy_config(token_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A Keycloak-dialect proxy config (client demo-client, user demo) pointed at any token endpoint and
+    upstream, with per-section overrides."""
     base = {
         "listen": {"port": 0},
         "upstream": {"url": upstream_url},
         "auth": {
             "provider": "keycloak",
-            "token_url": idp.token_url(),
+            "token_url": token_url,
             "client_id": "demo-client",
             "username": "demo",
             "password": "demo",
         },
     }
     return config_from_mapping(deep_merge(base, sections), source="test")
+
+
+def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A proxy config for the demo Keycloak-like provider ``idp``, with per-section overrides."""
+    return proxy_config(idp.token_url(), upstream_url, **sections)
 
 
 # Manager options for a test whose second login is incidental: logins spaced 50 ms apart instead of

@@ -14,8 +14,16 @@ from aiohttp import web
 from proxy import state
 from proxy.demo import DemoIdP, Fault
 from proxy.observability import LOGGER_NAME, TextFormatter
-from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_app, start_idp, start_proxy
-from tests.faults.conftest import PASSWORD, app_with, events, manager, proxy_config, wait_for
+from tests.fakes.servers import (
+    QUICK_LOGINS,
+    keycloak_config,
+    proxy_config,
+    start_api,
+    start_app,
+    start_idp,
+    start_proxy,
+)
+from tests.faults.conftest import PASSWORD, app_with, events, manager, wait_for
 
 TOKEN_PATH = "/realms/demo/protocol/openid-connect/token"
 # "Quickly": a request without a usable token is answered well within this, whatever the provider does.
