@@ -127,7 +127,7 @@ class DemoIdP(TokenEndpoint):
         app = web.Application()
         base = f"/realms/{self.realm}/protocol/openid-connect"
         app.router.add_post(f"{base}/token", self.token_endpoint)
-        app.router.add_post(f"{base}/logout", self._logout)
+        app.router.add_post(f"{base}/logout", self.logout_endpoint)
         app.router.add_post(f"{base}/revoke", self._revoke)
         app.router.add_get(f"/realms/{self.realm}/.well-known/openid-configuration", self._discovery)
         return app
@@ -178,11 +178,11 @@ class DemoIdP(TokenEndpoint):
                 return _oauth_error(401, "invalid_request", "Missing parameter: username")
             if self.users.get(user) != form.get("password") or user not in self.users:
                 return _oauth_error(400, "invalid_grant", "Invalid user credentials")
-            return self._issue(user, client_id)
+            return self.issue(user, client_id)
         if grant == "client_credentials":
             if expected_secret is None:
                 return _oauth_error(400, "unauthorized_client", "Client not allowed for client credentials")
-            return self._issue(f"service-account-{client_id}", client_id)
+            return self.issue(f"service-account-{client_id}", client_id)
         presented = form.get("refresh_token", "")
         if not presented:
             return _oauth_error(400, "invalid_request", "No refresh token")
@@ -195,9 +195,11 @@ class DemoIdP(TokenEndpoint):
             if presented in self.used_refresh:
                 return _oauth_error(400, "invalid_grant", "Maximum allowed refresh token reuse exceeded")
             self.used_refresh.add(presented)
-        return self._issue(issued.subject, client_id)
+        return self.issue(issued.subject, client_id)
 
-    def _issue(self, subject: str, client_id: str) -> web.Response:
+    def issue(self, subject: str, client_id: str) -> web.Response:
+        """A new access and refresh token for ``subject``, registered and answered. Tests override it to watch
+        what is issued."""
         now_wall = time.time()
         now = time.monotonic()
         claims = {
@@ -229,7 +231,8 @@ class DemoIdP(TokenEndpoint):
         )
         return web.json_response(body, headers=NO_STORE)
 
-    async def _logout(self, request: web.Request) -> web.Response:
+    async def logout_endpoint(self, request: web.Request) -> web.Response:
+        """POST .../logout (ends the session of a refresh token). Tests wrap it to watch logouts."""
         form = await request.post()
         self.hits["logout"] += 1
         token = form.get("refresh_token")
@@ -285,11 +288,12 @@ class DemoAPI:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
         app.router.add_get("/v1/hello", self._hello)
-        app.router.add_get("/v1/report", self._report)
+        app.router.add_get("/v1/report", self.report)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         return app
 
-    def _authorize(self, request: web.Request) -> str | web.Response:
+    def authorize(self, request: web.Request) -> str | web.Response:
+        """The subject of the request's token, or the 401 to answer. Tests override it to watch refusals."""
         value = request.headers.get(self.header, "")
         if not value.startswith(self.prefix):
             self.hits["unauthenticated"] += 1
@@ -311,14 +315,14 @@ class DemoAPI:
         return issued.subject
 
     async def _hello(self, request: web.Request) -> web.Response:
-        who = self._authorize(request)
+        who = self.authorize(request)
         if isinstance(who, web.Response):
             return who
         return web.json_response({"message": "hello from the demo API", "subject": who})
 
-    async def _report(self, request: web.Request) -> web.StreamResponse:
-        """A CSV report of ``rows`` rows, streamed."""
-        who = self._authorize(request)
+    async def report(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/report: a CSV report of ``rows`` rows, streamed (tests override it to cut it short)."""
+        who = self.authorize(request)
         if isinstance(who, web.Response):
             return who
         rows = min(int(request.query.get("rows", "10")), 10_000_000)
@@ -337,7 +341,7 @@ class DemoAPI:
         return response
 
     async def _echo(self, request: web.Request) -> web.Response:
-        who = self._authorize(request)
+        who = self.authorize(request)
         if isinstance(who, web.Response):
             return who
         digest = hashlib.sha256()

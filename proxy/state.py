@@ -383,9 +383,9 @@ def login_blocked(lc: Lifecycle) -> bool:
     return lc.grant_type == "refresh_token" and lc.configured_refresh_spent
 
 
-def login_wait(lc: Lifecycle, now: float) -> float:
-    """Seconds to wait before a login may be sent (MIN_LOGIN_INTERVAL_S after the previous one)."""
-    return max(0.0, lc.login_ended_at + MIN_LOGIN_INTERVAL_S - now)
+def login_wait(lc: Lifecycle, now: float, min_interval_s: float = MIN_LOGIN_INTERVAL_S) -> float:
+    """Seconds to wait before a login may be sent (``min_interval_s`` after the previous one)."""
+    return max(0.0, lc.login_ended_at + min_interval_s - now)
 
 
 # A token is held again (granted, or adopted from the fleet): every failure streak ends.

@@ -119,11 +119,13 @@ class TokenManager:
         transient_backoff: state.TransientPolicy | None = None,
         rejected_backoff: state.RejectedPolicy = state.rejected_backoff,
         rejection_renewal_interval_s: float | None = None,
+        min_login_interval_s: float = state.MIN_LOGIN_INTERVAL_S,
         store: SharedStore | None = None,
         inject_value: str = "Bearer {token}",
     ) -> None:
         """``transient_backoff`` replaces ``state.retry_delay`` (tests that are about something else);
-        ``rejection_renewal_interval_s = 0`` lifts the limits on 401-triggered renewals (likewise).
+        ``rejection_renewal_interval_s = 0`` lifts the limits on 401-triggered renewals (likewise);
+        ``min_login_interval_s`` replaces ``state.MIN_LOGIN_INTERVAL_S`` (tests whose second login is incidental).
         ``store``: the fleet's shared entry (None: this process alone); ``inject_value`` builds the
         header of a token read from it."""
         self._idp = idp
@@ -136,6 +138,7 @@ class TokenManager:
         self._transient_backoff = transient_backoff
         self._rejected_backoff = rejected_backoff
         self._unlimited_401 = rejection_renewal_interval_s == 0
+        self._min_login_interval = min_login_interval_s
         self._store = store
         self._inject_value = inject_value
         self._seen = 0  # the version of the store's entry last read or written
@@ -744,7 +747,7 @@ class TokenManager:
         )
 
     async def _attempt(self, kind: str) -> Token:
-        """One token request of ``kind``; a login waits out MIN_LOGIN_INTERVAL_S first."""
+        """One token request of ``kind``; a login waits out the minimum login interval first."""
         if kind == "refresh":
             token = self._lc.token
             assert token is not None  # choose_renewal refreshes only a held token
@@ -753,7 +756,7 @@ class TokenManager:
             if self._lc.grant_type == "refresh_token":
                 raise TokenRejected("refresh_token_spent", REFRESH_TOKEN_SPENT, 400, detail=REFRESH_TOKEN_SPENT)
             raise TokenRejected("code_already_used", CODE_SPENT, 400, detail=CODE_SPENT)
-        wait = state.login_wait(self._lc, self._clock())
+        wait = state.login_wait(self._lc, self._clock(), self._min_login_interval)
         if wait > 0:
             await self._sleep(wait)
         return await self._idp.login()

@@ -2,14 +2,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from proxy import state
 from proxy.observability import LOGGER_NAME
 from proxy.tokens import TokenManager
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _system_trust_from_its_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The system trust store, looked up in its hashed directory instead of parsed whole for every TLS context.
+
+    Every proxy app a test starts builds two TLS contexts (upstream and token endpoint), and each parses the
+    system CA bundle (SSL_CERT_FILE, some 140 certificates): 20 ms of CPU, most of what a typical test costs.
+    With an empty bundle and SSL_CERT_DIR set to the system's directory of the same certificates (named by
+    subject hash), OpenSSL reads a system CA only when a chain needs it: the same trust, at 0.2 ms a context.
+    The tests trust only their own CAs (``ca_file``) anyway. Where there is no such directory, nothing changes."""
+    paths = ssl.get_default_verify_paths()
+    directory = os.environ.get("SSL_CERT_DIR") or paths.capath or paths.openssl_capath
+    if not directory or not any(name.endswith(".0") for name in os.listdir(directory)):
+        yield
+        return
+    empty = tmp_path_factory.mktemp("trust") / "no-bundle.pem"
+    empty.write_text("")
+    with pytest.MonkeyPatch.context() as patch:  # subprocesses the tests start inherit it
+        patch.setenv("SSL_CERT_FILE", str(empty))
+        patch.setenv("SSL_CERT_DIR", directory)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +87,3 @@ async def managers() -> AsyncIterator[Callable[..., TokenManager]]:
     yield make
     for manager in made:
         await manager.close()
-
-
-@pytest.fixture
-def quick_logins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Logins spaced 50 ms apart instead of state.MIN_LOGIN_INTERVAL_S (1 s), for a test whose second login
-    is incidental: it would wait a second for it, and asserts nothing about the spacing. The spacing itself is
-    tested at its real value (test_state, test_tokens, test_token_attacks): never use this where a test
-    asserts how far apart logins are, or reads MIN_LOGIN_INTERVAL_S."""
-    monkeypatch.setattr(state, "MIN_LOGIN_INTERVAL_S", 0.05)

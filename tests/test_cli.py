@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import signal
@@ -16,6 +15,7 @@ import aiohttp
 import pytest
 
 from proxy import __version__, cli
+from tests.fakes.sidecar import clean_env
 
 STARTUP_TIMEOUT_S = 30.0
 CURL_LINE = re.compile(r"curl (http://127\.0\.0\.1:\d+/v1/hello)\s*$")
@@ -32,10 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("OAUTH_SIDECAR_")}
 
 
 async def read_until_curl_line(stdout: asyncio.StreamReader) -> tuple[str, list[str]]:

@@ -21,7 +21,7 @@ from proxy.client_auth import ASSERTION_LIFETIME_S, ASSERTION_TYPE
 from proxy.config import AuthConfig, InjectConfig, config_from_mapping
 from proxy.errors import ConfigError
 from proxy.idp import IdentityProvider
-from tests.fakes.keyauth_idp import Client, KeyAuthAPI, KeyAuthIdP
+from tests.fakes.keyauth_idp import Client, KeyAuthAPI, KeyAuthIdP, client_credentials_mapping
 from tests.fakes.servers import start_app, start_proxy
 
 CLIENT_ID = "svc-reports"
@@ -63,21 +63,10 @@ async def _start(aiohttp_server: Any, idp: KeyAuthIdP) -> str:
 
 
 def _config(idp: KeyAuthIdP, api_url: str, **auth: Any) -> Any:
-    return config_from_mapping(
-        {
-            "listen": {"port": 0},
-            "upstream": {"url": api_url},
-            "auth": {
-                "provider": "oauth2",
-                "token_url": idp.token_url(),
-                "revoke_url": idp.revoke_url(),
-                "grant_type": "client_credentials",
-                "client_id": CLIENT_ID,
-                **auth,
-            },
-        },
-        source="test",
+    mapping = client_credentials_mapping(
+        {"token_url": idp.token_url(), "revoke_url": idp.revoke_url(), "client_id": CLIENT_ID, **auth}, {"url": api_url}
     )
+    return config_from_mapping({"listen": {"port": 0}, **mapping}, source="test")
 
 
 def _logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -264,16 +253,7 @@ async def test_client_secret_jwt_with_the_wrong_secret_is_rejected_naming_the_se
 
 
 def _auth(**keys: Any) -> dict[str, Any]:
-    return {
-        "upstream": {"url": "https://api.example"},
-        "auth": {
-            "provider": "oauth2",
-            "token_url": "https://idp.example/token",
-            "grant_type": "client_credentials",
-            "client_id": CLIENT_ID,
-            **keys,
-        },
-    }
+    return client_credentials_mapping({"client_id": CLIENT_ID, **keys})
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.config import config_from_mapping
 from proxy.errors import ConfigError
-from tests.fakes.keyauth_idp import AlertingTLSServer, Client, KeyAuthAPI, KeyAuthIdP, server_context
+from tests.fakes.keyauth_idp import (
+    AlertingTLSServer,
+    Client,
+    KeyAuthAPI,
+    KeyAuthIdP,
+    client_credentials_mapping,
+    server_context,
+)
 from tests.fakes.servers import start_proxy
 
 CLIENT_ID = "svc-mtls"
@@ -60,20 +67,11 @@ async def _tls_server(aiohttp_server: Any, app: Any, pki: dict[str, Any], requir
 
 
 def _config(token_url: str, api_url: str, pki: dict[str, Any], auth: dict[str, Any], **upstream: Any) -> Any:
-    return config_from_mapping(
-        {
-            "listen": {"port": 0},
-            "upstream": {"url": api_url, "ca_file": pki["ca_file"], **upstream},
-            "auth": {
-                "provider": "oauth2",
-                "token_url": token_url,
-                "grant_type": "client_credentials",
-                "client_id": CLIENT_ID,
-                **auth,
-            },
-        },
-        source="test",
+    mapping = client_credentials_mapping(
+        {"token_url": token_url, "client_id": CLIENT_ID, **auth},
+        {"url": api_url, "ca_file": pki["ca_file"], **upstream},
     )
+    return config_from_mapping({"listen": {"port": 0}, **mapping}, source="test")
 
 
 async def _stack(aiohttp_server: Any, pki: dict[str, Any], api_cn: str = "") -> tuple[KeyAuthIdP, KeyAuthAPI, str]:
@@ -108,37 +106,40 @@ async def test_tls_client_auth_gets_a_token_with_the_certificate(aiohttp_server,
     assert api.hits == 1
 
 
-async def test_token_endpoint_without_a_client_certificate_is_a_clear_failure(aiohttp_server, aiohttp_client, pki):
-    """A token endpoint that requires a certificate the proxy does not present (it sends TLS 1.3's
-    certificate_required alert): 503 saying so and naming auth.client_cert_file."""
+async def _refused_handshake(
+    aiohttp_server: Any, aiohttp_client: Any, pki: dict[str, Any], auth: dict[str, Any]
+) -> tuple[str, list[str]]:
+    """A request through a proxy whose token endpoint refuses its TLS handshake: the 503's detail, and the
+    token endpoint's reasons for each handshake it refused."""
     _, _, api_url = await _stack(aiohttp_server, pki)
-    auth = {"client_auth": "body", "client_secret": "cs-never-sent-over-a-failed-handshake"}
     with AlertingTLSServer(pki["ca"]) as idp:
         client = await start_proxy(aiohttp_client, _config(idp.url + "/token", api_url, pki, auth))
         resp = await client.get("/v1/data")
         assert resp.status == 503
         detail = (await resp.json())["detail"]
         await client.close()
+    return detail, idp.refused
+
+
+async def test_token_endpoint_without_a_client_certificate_is_a_clear_failure(aiohttp_server, aiohttp_client, pki):
+    """A token endpoint that requires a certificate the proxy does not present (it sends TLS 1.3's
+    certificate_required alert): 503 saying so and naming auth.client_cert_file."""
+    auth = {"client_auth": "body", "client_secret": "cs-never-sent-over-a-failed-handshake"}
+    detail, refused = await _refused_handshake(aiohttp_server, aiohttp_client, pki, auth)
     assert "requires a client certificate; set auth.client_cert_file" in detail, detail
-    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in idp.refused
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in refused
 
 
 async def test_a_certificate_the_token_endpoint_does_not_trust_is_a_clear_failure(aiohttp_server, aiohttp_client, pki):
     """A client certificate from a CA the token endpoint does not trust: 503 saying it refused the certificate."""
-    _, _, api_url = await _stack(aiohttp_server, pki)
     auth = {
         "client_auth": "tls_client_auth",
         "client_cert_file": pki["stranger_cert"],
         "client_key_file": pki["stranger_key"],
     }
-    with AlertingTLSServer(pki["ca"]) as idp:
-        client = await start_proxy(aiohttp_client, _config(idp.url + "/token", api_url, pki, auth))
-        resp = await client.get("/v1/data")
-        assert resp.status == 503
-        detail = (await resp.json())["detail"]
-        await client.close()
+    detail, refused = await _refused_handshake(aiohttp_server, aiohttp_client, pki, auth)
     assert "the server refused the client certificate (auth.client_cert_file)" in detail, detail
-    assert "CERTIFICATE_VERIFY_FAILED" in idp.refused
+    assert "CERTIFICATE_VERIFY_FAILED" in refused
 
 
 async def test_upstream_mutual_tls(aiohttp_server, aiohttp_client, pki):
@@ -182,16 +183,7 @@ async def test_upstream_without_the_certificate_it_requires_is_a_clear_502(aioht
 
 
 def _mapping(auth: dict[str, Any], upstream: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "upstream": {"url": "https://api.example", **(upstream or {})},
-        "auth": {
-            "provider": "oauth2",
-            "token_url": "https://idp.example/token",
-            "grant_type": "client_credentials",
-            "client_id": CLIENT_ID,
-            **auth,
-        },
-    }
+    return client_credentials_mapping({"client_id": CLIENT_ID, **auth}, upstream)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from proxy import cli
 from proxy.config import SCHEMA, load_config
 from proxy.errors import ConfigError
 from proxy.providers import WE360_TOKEN_URL
+from tests.fakes.sidecar import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "pw-Zq81-not-real"  # a fake secret; it must never appear in a message
@@ -294,12 +294,6 @@ def test_environment_alone_is_a_configuration(tmp_path):
 
 
 # --- through the command line --------------------------------------------------------------------
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OAUTH_SIDECAR_")}
-    env.update(extra)
-    return env
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):

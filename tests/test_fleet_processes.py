@@ -16,7 +16,7 @@ from proxy.demo import Fault
 from proxy.store import config_digest
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.servers import start_api, start_idp
-from tests.test_ops import PASSWORD, Sidecar, _wait_ready, _write_config
+from tests.fakes.sidecar import PASSWORD, Sidecar, wait_ready, write_config
 
 # slow: real sidecar processes against a real Redis, waiting out a real lease
 pytestmark = pytest.mark.slow
@@ -43,12 +43,12 @@ async def test_a_restarted_fleet_logs_in_zero_times(aiohttp_server, tmp_path):
     configs = []
     for n in range(3):
         (tmp_path / f"p{n}").mkdir()
-        configs.append(_with_store(_write_config(tmp_path / f"p{n}", idp, upstream), server))
+        configs.append(_with_store(write_config(tmp_path / f"p{n}", idp.token_url(), upstream), server))
     try:
         async with aiohttp.ClientSession() as session:
             fleet = await _fleet(configs)
             for _, url in fleet:
-                await _wait_ready(session, url)
+                await wait_ready(session, url)
                 async with session.get(url + "/api/whoami") as resp:
                     assert resp.status == 200
             assert idp.token_requests == 1  # one login for the three
@@ -58,7 +58,7 @@ async def test_a_restarted_fleet_logs_in_zero_times(aiohttp_server, tmp_path):
 
             again = await _fleet(configs)
             for _, url in again:
-                await _wait_ready(session, url)
+                await wait_ready(session, url)
                 async with session.get(url + "/api/whoami") as resp:
                     assert resp.status == 200
             assert idp.token_requests == 1  # restarted: the stored token, no login
@@ -81,7 +81,7 @@ async def test_kill_9_of_the_lease_holder_while_its_login_hangs(aiohttp_server, 
     configs = []
     for n in range(2):
         (tmp_path / f"p{n}").mkdir()
-        config = _write_config(tmp_path / f"p{n}", idp, upstream, timeout_s=20)
+        config = write_config(tmp_path / f"p{n}", idp.token_url(), upstream, timeout_s=20)
         configs.append(_with_store(config, server, lease_s=lease_s))
     digest = config_digest(load_config(configs[0], env={}).auth)
     client = redis.Redis(port=server.port)
@@ -101,7 +101,7 @@ async def test_kill_9_of_the_lease_holder_while_its_login_hangs(aiohttp_server, 
         killed_at = loop.time()
         os.kill(holder_pid, signal.SIGKILL)
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, other_url)
+            await wait_ready(session, other_url)
             ready_after = loop.time() - killed_at
             async with session.get(other_url + "/api/whoami") as resp:
                 assert resp.status == 200

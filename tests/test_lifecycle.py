@@ -22,9 +22,18 @@ from proxy.demo import Fault
 from proxy.observability import TextFormatter
 from proxy.state import Phase
 from tests.fakes.endpoints import HeldIdP, SlowIdP
-from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.servers import (
+    QUICK_LOGINS,
+    keycloak_config,
+    proxy_config,
+    serve_idp,
+    start_api,
+    start_app,
+    start_idp,
+    start_proxy,
+)
 from tests.fakes.vendors import FakeOAuth2, start_fake
-from tests.faults.conftest import events, manager, proxy_config, wait_for
+from tests.faults.conftest import events, manager, wait_for
 
 WRONG_PASSWORD = "wrong-Pw-7731-not-real"
 
@@ -53,9 +62,7 @@ async def steady_traffic(client, seconds: float, workers: int = 4, pause: float 
 
 async def test_burst_of_200_requests_causes_one_login(aiohttp_server, aiohttp_client):
     """200 requests arriving while the first login is still in flight all succeed on that one login."""
-    idp = HeldIdP()
-    server = await aiohttp_server(idp.app())
-    idp.base_url = str(server.make_url("")).rstrip("/")
+    idp = await serve_idp(aiohttp_server, HeldIdP())
     api, api_url = await start_api(aiohttp_server, idp)
     client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
     # A session without the default limit of 100 connections, so all 200 are at the proxy together.
@@ -186,13 +193,12 @@ async def test_identity_provider_outage_keeps_serving_with_the_held_token(aiohtt
     assert status["last_error"]["reason"] == "server_error"
 
 
-@pytest.mark.usefixtures("quick_logins")
 async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refused_too(aiohttp_server, aiohttp_client):
     """The upstream refuses the token, the refresh token is dead and the password was changed: the proxy
     must stop calling itself ready, and say why."""
     idp = await start_idp(aiohttp_server)
     _api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url), **QUICK_LOGINS)
     assert (await client.get("/v1/hello")).status == 200
 
     idp.revoke_all_access()
@@ -209,13 +215,12 @@ async def test_token_rejected_upstream_is_dropped_when_the_credentials_are_refus
     assert "invalid_grant" in (await resp.json())["detail"]
 
 
-@pytest.mark.usefixtures("quick_logins")
 async def test_a_second_revocation_right_after_the_first_is_absorbed(aiohttp_server, aiohttp_client):
     """Sessions killed, a GET renews and gets 200, sessions killed again at once: the next POST is renewed and
     retried too (the upstream had accepted the renewed token), so no client sees a 401 (issue #12)."""
     idp = await start_idp(aiohttp_server)
     api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url), **QUICK_LOGINS)
     assert (await client.get("/v1/hello")).status == 200
     for _ in range(2):
         idp.revoke_all_access()
@@ -342,14 +347,18 @@ async def test_wrong_password_answered_with_200_is_not_retried_soon(aiohttp_serv
     _assert_not_logged(caplog, O2_PASSWORD, O2_SECRET)
 
 
-@pytest.mark.usefixtures("quick_logins")
 async def test_temporarily_unavailable_with_a_400_is_retried_soon(aiohttp_server, aiohttp_client, caplog):
     """A 400 carrying ``temporarily_unavailable`` means "later", not "wrong credentials": retried after the
     transient backoff, not minutes later with advice to check the credentials."""
     fake = await start_fake(aiohttp_server, _o2_fake())
     fake.fail_next(Fault(400, {"error": "temporarily_unavailable", "error_description": "maintenance"}))
     client = await _o2_proxy(
-        aiohttp_client, fake, MINUTES, grant_type="password", username=O2_USER, password=O2_PASSWORD
+        aiohttp_client,
+        fake,
+        {**MINUTES, **QUICK_LOGINS},
+        grant_type="password",
+        username=O2_USER,
+        password=O2_PASSWORD,
     )
     await wait_for(lambda: manager(client).usable() is not None, within=3.0)
     assert (await client.get("/v1/hello")).status == 200

@@ -29,7 +29,6 @@ from proxy.app import make_app
 from proxy.cli import serve
 from proxy.listener import MAX_HEAD_LINE, LimitedSite, _JsonErrors
 from proxy.observability import Metrics, setup_logging
-from proxy.upstream import Pool
 from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
 from tests.faults.conftest import wait_for
 
@@ -432,25 +431,6 @@ async def test_a_client_that_hangs_up_while_waiting_for_the_pool_leaves_no_error
     gc.collect()  # a task or future exception never retrieved is logged when it is collected
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [(r.name, r.getMessage(), r.exc_info) for r in errors]
-
-
-async def test_a_cancelled_waiter_passes_its_wake_up_on(raw_server):
-    """pool_size = 1: when the only connection comes back, the first waiter is woken; if its client hung
-    up in the meantime (its task is cancelled before it runs), the next waiter gets the connection instead
-    of waiting out its deadline beside an idle one."""
-    url = await raw_server(lambda reader, writer: reader.read())  # accepts, never answers
-    pool = Pool(url, limit=1, connect_timeout_s=1, timeout_s=5, ssl_context=None)
-    loop = asyncio.get_running_loop()
-    try:
-        held = await pool._acquire(loop, loop.time() + 5)
-        first = asyncio.ensure_future(pool._acquire(loop, loop.time() + 5))
-        second = asyncio.ensure_future(pool._acquire(loop, loop.time() + 1))
-        await asyncio.sleep(0.05)  # both wait
-        pool._put_back(held)  # wakes the first
-        first.cancel()  # whose client hangs up before it runs
-        assert await second is held
-    finally:
-        await pool.close()
 
 
 ROUTES = {  # request line (and extra header lines) -> (status, what answered: "proxy" or the demo API's JSON)

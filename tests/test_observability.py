@@ -29,10 +29,10 @@ from proxy.observability import (
     log_request,
     setup_logging,
 )
-from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.endpoints import RecordingIdP
+from tests.fakes.servers import QUICK_LOGINS, keycloak_config, serve_idp, start_api, start_app, start_proxy
 
 # A second login waits 50 ms, not 1 s: no test here is about the login spacing.
-pytestmark = pytest.mark.usefixtures("quick_logins")
 
 # Fake secrets, long and distinctive, so that finding one in any output cannot be a coincidence.
 PASSWORD = "pw-unit-test-Qx81-never-log"
@@ -42,20 +42,9 @@ KEY = {"X-Api-Key": API_KEY}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
-async def _idp(aiohttp_server: Any, **options: Any) -> DemoIdP:
-    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD}, clients={"demo-client": CLIENT_SECRET}, **options)
-    issued: list[str] = []
-    original = idp._issue
-
-    def issue(subject: str, client_id: str) -> web.Response:  # remember every token value handed out
-        response = original(subject, client_id)
-        body = json.loads(response.body)  # type: ignore[arg-type]
-        issued.extend(v for k, v in body.items() if k in ("access_token", "refresh_token"))
-        return response
-
-    idp._issue = issue  # type: ignore[method-assign]
-    idp.issued = issued  # type: ignore[attr-defined]
-    return idp
+async def _idp(aiohttp_server: Any, **options: Any) -> RecordingIdP:
+    idp = RecordingIdP(users={"demo": PASSWORD}, clients={"demo-client": CLIENT_SECRET}, **options)
+    return await serve_idp(aiohttp_server, idp)
 
 
 def _config(idp: DemoIdP, upstream: str, **sections: dict[str, Any]) -> Any:
@@ -64,8 +53,8 @@ def _config(idp: DemoIdP, upstream: str, **sections: dict[str, Any]) -> Any:
     return keycloak_config(idp, upstream, auth=auth, access=access, **sections)
 
 
-def _secrets(idp: DemoIdP) -> list[str]:
-    values = [PASSWORD, CLIENT_SECRET, API_KEY, *idp.issued]  # type: ignore[attr-defined]
+def _secrets(idp: RecordingIdP) -> list[str]:
+    values = [PASSWORD, CLIENT_SECRET, API_KEY, *idp.issued]
     assert all(len(v) > 8 for v in values)
     return values
 
@@ -108,7 +97,9 @@ async def test_healthy_answers_while_not_ready(aiohttp_server, aiohttp_client):
     """/-/healthy is liveness: 200 while the process runs, even when the credentials are refused."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"password": "wrong-password"}))
+    client = await start_proxy(
+        aiohttp_client, _config(idp, api_url, auth={"password": "wrong-password"}), **QUICK_LOGINS
+    )
     await _eventually(lambda: _status_is(client, "rejected"))
     resp = await client.get("/-/healthy")
     assert resp.status == 200
@@ -125,7 +116,7 @@ async def test_ready_with_a_token(aiohttp_server, aiohttp_client):
     """/-/ready answers 200 with the state and the token's remaining lifetime once a token is held."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     await _ready(client)
     body = await (await client.get("/-/ready")).json()
     assert body["ready"] is True
@@ -138,7 +129,7 @@ async def test_not_ready_when_login_rejected(aiohttp_server, aiohttp_client):
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url, auth={"password": "wrong-password"})
-    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 120.0)
+    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 120.0, **QUICK_LOGINS)
     await _eventually(lambda: _status_is(client, "rejected"))
     resp = await client.get("/-/ready")
     assert resp.status == 503
@@ -155,7 +146,9 @@ async def test_not_ready_when_idp_unreachable(aiohttp_server, aiohttp_client, un
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url, auth={"token_url": f"http://127.0.0.1:{unused_tcp_port}/token"})
-    client = await start_proxy(aiohttp_client, config, transient_backoff=lambda attempt, rand, retry_after=None: 30.0)
+    client = await start_proxy(
+        aiohttp_client, config, transient_backoff=lambda attempt, rand, retry_after=None: 30.0, **QUICK_LOGINS
+    )
     await _eventually(lambda: _status_is(client, "backing_off"))
     resp = await client.get("/-/ready")
     assert resp.status == 503
@@ -169,7 +162,7 @@ async def test_status_shows_state_expiry_last_refresh_last_error_and_counters(ai
     idp = await _idp(aiohttp_server)
     idp.fail_next(Fault(503, {"error": "temporarily_unavailable", "error_description": "Keycloak is starting"}))
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     await _ready(client)
     assert (await client.get("/v1/hello", headers=KEY)).status == 200
 
@@ -214,7 +207,7 @@ async def test_metrics_exposition(aiohttp_server, aiohttp_client):
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream)
-    client = await start_proxy(aiohttp_client, _config(idp, await start_app(aiohttp_server, app)))
+    client = await start_proxy(aiohttp_client, _config(idp, await start_app(aiohttp_server, app)), **QUICK_LOGINS)
     await _ready(client)  # after one rejected login and the backoff, the second login succeeds
 
     assert (await client.get("/ok", headers=KEY)).status == 200
@@ -288,7 +281,7 @@ async def test_other_methods_share_one_series(aiohttp_server, aiohttp_client):
     """Methods outside the standard set (WebDAV and the like) are counted as one class, OTHER."""
     idp = await _idp(aiohttp_server)
     _, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url))
+    client = await start_proxy(aiohttp_client, _config(idp, api_url), **QUICK_LOGINS)
     for method in ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "PURGE"):
         assert (await client.request(method, "/v1/echo", headers=KEY)).status == 200
     m = _metrics(await (await client.get("/-/metrics", headers=KEY)).text())
@@ -305,7 +298,7 @@ async def _proxy_logging_to(buffer: io.StringIO, fmt: str, aiohttp_server: Any, 
     _, api_url = await start_api(aiohttp_server, idp)
     config = _config(idp, api_url)
     setup_logging("info", fmt, config.secrets(), stream=buffer)
-    return await start_proxy(aiohttp_client, config)
+    return await start_proxy(aiohttp_client, config, **QUICK_LOGINS)
 
 
 async def test_json_access_log_and_request_id(aiohttp_server, aiohttp_client):
@@ -471,7 +464,9 @@ async def _full_cycle(aiohttp_server: Any, aiohttp_client: Any, **auth: Any) -> 
         Fault(400, {"error": "invalid_grant", "error_description": "Account disabled"}),
     )
     api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, _config(idp, api_url, auth={"revoke_on_shutdown": True, **auth}))
+    client = await start_proxy(
+        aiohttp_client, _config(idp, api_url, auth={"revoke_on_shutdown": True, **auth}), **QUICK_LOGINS
+    )
     await _ready(client)
     assert (await client.get("/v1/hello?who=me", headers=KEY)).status == 200
     assert (await client.post("/v1/echo", data=b"payload", headers=KEY)).status == 200
@@ -515,7 +510,7 @@ async def test_no_secret_in_debug_logs_of_a_full_cycle(aiohttp_server, aiohttp_c
     idp, _ = await _full_cycle(aiohttp_server, aiohttp_client)
     assert any(r["password"] == PASSWORD and r["client_secret"] == CLIENT_SECRET for r in idp.requests)
     secrets = _secrets(idp)
-    assert len(idp.issued) >= 4  # type: ignore[attr-defined]  # two access and two refresh tokens
+    assert len(idp.issued) >= 4  # two access and two refresh tokens
 
     text_format, json_format = TextFormatter(), JsonFormatter()
     outputs = []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import signal
 import sys
@@ -18,117 +16,7 @@ from aiohttp import web
 from proxy.cli import EXIT_CONFIG, check, main
 from proxy.demo import DemoIdP
 from tests.fakes.servers import keycloak_config, start_app, start_idp, start_proxy
-
-PASSWORD = "pw-ops-test-Vb63-never-print"
-STARTUP_TIMEOUT_S = 15.0
-
-
-def _env() -> dict[str, str]:
-    """The test's environment without any OAUTH_SIDECAR_* variable that could change the config."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("OAUTH_SIDECAR_")}
-
-
-def _write_config(tmp_path: Path, idp: DemoIdP, upstream: str, **auth: Any) -> Path:
-    (tmp_path / "password").write_text(PASSWORD + "\n")
-    lines = [
-        "[listen]",
-        "port = 0",
-        f"shutdown_grace_s = {auth.pop('grace', 10)}",
-        "[upstream]",
-        f'url = "{upstream}"',
-        "[auth]",
-        'provider = "keycloak"',
-        f'token_url = "{auth.pop("token_url", idp.token_url())}"',
-        'client_id = "demo-client"',
-        'username = "demo"',
-        f'password_file = "{tmp_path / "password"}"',
-        *(f"{key} = {json.dumps(value)}" for key, value in auth.items()),
-        "[log]",
-        'format = "json"',
-        'level = "debug"',
-    ]
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Sidecar:
-    """``python -m proxy --config PATH`` as a child process, its JSON log lines collected as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._new = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, config: Path) -> Sidecar:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_env(),
-            cwd=config.parent,
-        )
-        return cls(proc)
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-            self._new.set()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == name:
-                found.append(record)
-        return found
-
-    async def wait_event(self, name: str, seconds: float = STARTUP_TIMEOUT_S) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while not (found := self.events(name)):
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._reader.done():
-                raise AssertionError(f"no {name} event; stderr:\n" + "\n".join(self.lines[-30:]))
-            self._new.clear()
-            try:
-                await asyncio.wait_for(self._new.wait(), remaining)
-            except TimeoutError:
-                pass
-        return found[0]
-
-    async def url(self) -> str:
-        return str((await self.wait_event("sidecar.listening"))["url"])
-
-    async def exit_code(self, seconds: float = 15.0) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), seconds)
-        await asyncio.wait_for(self._reader, 5)
-        return code
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-
-
-async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(250):
-        async with session.get(url + "/-/ready") as resp:
-            if resp.status == 200:
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the sidecar did not become ready")
+from tests.fakes.sidecar import PASSWORD, Sidecar, clean_env, wait_ready, write_config
 
 
 async def _refuses_connections(port: int, seconds: float = 5.0) -> bool:
@@ -171,12 +59,12 @@ async def test_sigterm_lets_a_slow_request_finish_then_ends_the_session(aiohttp_
     the session is ended at the provider (revoke_on_shutdown), and the process exits 0."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, arrived, release = await _slow_upstream(aiohttp_server)
-    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, revoke_on_shutdown=True))
+    sidecar = await Sidecar.start(write_config(tmp_path, idp.token_url(), upstream, revoke_on_shutdown=True))
     try:
         url = await sidecar.url()
         port = int(url.rsplit(":", 1)[1])
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
             async with session.get(url + "/fast?marker=query-marker-5520") as resp:
                 assert resp.status == 200
             slow = asyncio.create_task(session.get(url + "/slow"))
@@ -209,11 +97,11 @@ async def test_sigint_without_revoke_leaves_the_session(aiohttp_server, tmp_path
     """SIGINT stops the proxy cleanly (exit 0); with revoke_on_shutdown off the provider is not called."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, _, release = await _slow_upstream(aiohttp_server)
-    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, revoke_on_shutdown=False))
+    sidecar = await Sidecar.start(write_config(tmp_path, idp.token_url(), upstream, revoke_on_shutdown=False))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
         sidecar.proc.send_signal(signal.SIGINT)
         assert await sidecar.exit_code() == 0
     finally:
@@ -229,11 +117,11 @@ async def test_grace_period_bounds_the_wait(aiohttp_server, tmp_path):
     """A request still running when listen.shutdown_grace_s runs out is cut; the process still exits 0."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, arrived, release = await _slow_upstream(aiohttp_server)
-    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, grace=0.2))
+    sidecar = await Sidecar.start(write_config(tmp_path, idp.token_url(), upstream, grace=0.2))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
             slow = asyncio.create_task(session.get(url + "/slow"))
             await asyncio.wait_for(arrived.wait(), 10)
             loop = asyncio.get_running_loop()
@@ -284,7 +172,7 @@ async def _run_check(config: Path) -> tuple[int, str, str]:
         str(config),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_env(),
+        env=clean_env(),
         cwd=config.parent,
     )
     try:
@@ -303,7 +191,7 @@ def _all_tokens(idp: DemoIdP) -> list[str]:
 async def test_check_prints_subject_and_expiry_never_the_token(aiohttp_server, tmp_path):
     """--check logs in once and prints one line with the subject and the expiry, exit 0, no token."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
-    code, out, err = await _run_check(_write_config(tmp_path, idp, "http://127.0.0.1:9"))
+    code, out, err = await _run_check(write_config(tmp_path, idp.token_url(), "http://127.0.0.1:9"))
     assert code == 0, err
     assert idp.token_requests == 1
     assert len(out.splitlines()) == 1
@@ -334,7 +222,7 @@ async def test_check_ends_the_session_when_asked(aiohttp_server, tmp_path, capsy
 async def test_check_wrong_password_fails_with_the_reason(aiohttp_server, tmp_path):
     """--check with a wrong password exits non-zero and says what the provider answered."""
     idp = await start_idp(aiohttp_server, users={"demo": "another-password"})
-    code, out, err = await _run_check(_write_config(tmp_path, idp, "http://127.0.0.1:9"))
+    code, out, err = await _run_check(write_config(tmp_path, idp.token_url(), "http://127.0.0.1:9"))
     assert code == 1
     assert out == ""
     assert "check failed" in err
@@ -344,10 +232,7 @@ async def test_check_wrong_password_fails_with_the_reason(aiohttp_server, tmp_pa
 
 async def test_check_unreachable_idp_fails_with_the_reason(aiohttp_server, tmp_path, unused_tcp_port):
     """--check against an identity provider that is down exits non-zero saying it is unreachable."""
-    idp = DemoIdP()
-    config = _write_config(
-        tmp_path, idp, "http://127.0.0.1:9", token_url=f"http://127.0.0.1:{unused_tcp_port}/realms/x/token"
-    )
+    config = write_config(tmp_path, f"http://127.0.0.1:{unused_tcp_port}/realms/x/token", "http://127.0.0.1:9")
     code, out, err = await _run_check(config)
     assert code == 1
     assert out == ""
@@ -374,7 +259,7 @@ async def test_check_bad_config_exit_code_from_the_console_script(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text("[auth]\ngrant_type = 'implicit'\n")
     proc = await asyncio.create_subprocess_exec(
-        str(script), "--check", "--config", str(path), stderr=asyncio.subprocess.PIPE, env=_env()
+        str(script), "--check", "--config", str(path), stderr=asyncio.subprocess.PIPE, env=clean_env()
     )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == EXIT_CONFIG

@@ -20,11 +20,10 @@ from proxy.config import config_from_mapping, load_config
 from proxy.demo import DemoIdP, Fault
 from proxy.errors import ConfigError
 from proxy.providers import OLI_TOKEN_URL, WE360_TOKEN_URL
-from tests.fakes.servers import start_api, start_idp, start_proxy
+from tests.fakes.servers import QUICK_LOGINS, start_api, start_idp, start_proxy
 from tests.fakes.vendors import FORM, JSON, FakeOAuth2, FakeOIDCProvider, FakeWebCommander, start_fake
 
 # A second login waits 50 ms, not 1 s: no test here is about the login spacing.
-pytestmark = pytest.mark.usefixtures("quick_logins")
 
 # A forced renewal (upstream 401) may follow another at once in these tests.
 NO_401_INTERVAL = {"rejection_renewal_interval_s": 0.0}
@@ -36,7 +35,7 @@ WAIT_S = 8.0  # upper bound for anything a test waits for; on a quiet machine it
 
 async def _proxy(aiohttp_client: Any, mapping: dict[str, Any], **manager: Any) -> Any:
     config = config_from_mapping({"listen": {"port": 0}, **mapping}, source="test")
-    return await start_proxy(aiohttp_client, config, **{**NO_401_INTERVAL, **manager})
+    return await start_proxy(aiohttp_client, config, **{**NO_401_INTERVAL, **QUICK_LOGINS, **manager})
 
 
 async def _eventually(check: Any, what: str) -> Any:
@@ -255,7 +254,7 @@ async def test_keycloak_offline_token_means_no_password_is_stored(aiohttp_server
         },
     )
     assert config.auth.password == "" and config.auth.refresh_token == offline
-    client = await start_proxy(aiohttp_client, config, **NO_401_INTERVAL)
+    client = await start_proxy(aiohttp_client, config, **NO_401_INTERVAL, **QUICK_LOGINS)
     assert (await client.get("/v1/hello")).status == 200
     idp.revoke_all_access()
     assert (await client.get("/v1/hello")).status == 200

@@ -27,7 +27,7 @@ from proxy.secrets import POLL_INTERVAL_S, Secrets, SecretWatcher
 from proxy.state import MIN_LOGIN_INTERVAL_S, Lifecycle, Phase
 from tests.fakes.clock import VirtualTime
 from tests.fakes.servers import keycloak_config, start_api, start_idp
-from tests.test_ops import Sidecar, _wait_ready
+from tests.fakes.sidecar import Sidecar, wait_ready, write_config
 
 WRONG = "pw-rotation-wrong-Qx81-never-print"
 GOOD = "pw-rotation-good-Jm27-never-print"
@@ -275,29 +275,6 @@ async def test_the_identity_provider_sends_the_secret_in_force_at_each_request(a
 # --- python -m proxy, as a user runs it ----------------------------------------------------------
 
 
-def _config(tmp_path: Path, token_url: str, upstream: str, password_file: str, api_key_file: str = "") -> Path:
-    lines = [
-        "[listen]",
-        "port = 0",
-        "shutdown_grace_s = 1",
-        "[upstream]",
-        f'url = "{upstream}"',
-        "[auth]",
-        'provider = "keycloak"',
-        f'token_url = "{token_url}"',
-        'client_id = "demo-client"',
-        'username = "demo"',
-        f'password_file = "{password_file}"',
-        *(["[access]", f'api_key_file = "{api_key_file}"'] if api_key_file else []),
-        "[log]",
-        'format = "json"',
-        'level = "debug"',
-    ]
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.mark.slow  # a real process, a refused login and a real second of login spacing
 async def test_a_password_fixed_in_a_mounted_secret_logs_in_at_once_without_a_restart(aiohttp_server, tmp_path):
     """The sidecar starts with a wrong password from a mounted Secret and is refused (the next attempt a
@@ -307,7 +284,14 @@ async def test_a_password_fixed_in_a_mounted_secret_logs_in_at_once_without_a_re
     idp = await start_idp(aiohttp_server, users={"demo": GOOD})
     _, api = await start_api(aiohttp_server, idp)
     mount = MountedSecret(tmp_path / "secret", password=WRONG, api_key=KEY1)
-    config = _config(tmp_path, idp.token_url(), api, mount.path("password"), mount.path("api_key"))
+    config = write_config(
+        tmp_path,
+        idp.token_url(),
+        api,
+        password_file=mount.path("password"),
+        api_key_file=mount.path("api_key"),
+        grace=1,
+    )
     sidecar = await Sidecar.start(config)
     loop = asyncio.get_running_loop()
     try:
@@ -319,7 +303,7 @@ async def test_a_password_fixed_in_a_mounted_secret_logs_in_at_once_without_a_re
         await sidecar.wait_event("token.obtained", seconds=5)
         assert loop.time() - refused_at < 3 * POLL_INTERVAL_S  # not the minute of backoff
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
             async with session.get(url + "/v1/hello", headers={"X-Api-Key": KEY2}) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["subject"] == "demo"
@@ -347,11 +331,11 @@ async def test_sighup_rereads_the_secrets_and_the_process_keeps_running(aiohttp_
     _, api = await start_api(aiohttp_server, idp)
     password = tmp_path / "password"
     password.write_text(GOOD + "\n")
-    sidecar = await Sidecar.start(_config(tmp_path, idp.token_url(), api, str(password)))
+    sidecar = await Sidecar.start(write_config(tmp_path, idp.token_url(), api, password_file=str(password), grace=1))
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
             sidecar.proc.send_signal(signal.SIGHUP)
             assert (await sidecar.wait_event("sidecar.reloaded"))["changed"] == "none"
             idp.users["demo"] = GOOD2

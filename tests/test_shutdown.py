@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.fakes.servers import start_app, start_idp
-from tests.test_ops import PASSWORD, Sidecar, _wait_ready, _write_config
+from tests.fakes.sidecar import PASSWORD, Sidecar, wait_ready, write_config
 
 # slow: a real process and a real 1.5 s shutdown grace
 pytestmark = pytest.mark.slow
@@ -53,13 +53,15 @@ async def test_sigterm_during_a_download_cuts_it_at_the_grace_deadline_and_still
     the session is ended at the provider (revoke_on_shutdown), and the process exits 0 soon after the grace."""
     idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
     upstream, started = await _endless_download(aiohttp_server)
-    sidecar = await Sidecar.start(_write_config(tmp_path, idp, upstream, grace=GRACE_S, revoke_on_shutdown=True))
+    sidecar = await Sidecar.start(
+        write_config(tmp_path, idp.token_url(), upstream, grace=GRACE_S, revoke_on_shutdown=True)
+    )
     loop = asyncio.get_running_loop()
     received_after: list[float] = []  # seconds after SIGTERM at which bytes arrived
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, url)
+            await wait_ready(session, url)
             async with session.get(url + "/" + kind) as resp:
                 assert resp.status == 200
                 await asyncio.wait_for(started.wait(), 10)

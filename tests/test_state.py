@@ -199,6 +199,14 @@ def test_login_wait_spaces_logins():
     assert state.login_wait(Lifecycle(), 0.0) == 0.0
 
 
+def test_login_wait_takes_the_interval_a_manager_was_given():
+    """TokenManager(min_login_interval_s=...) spaces logins by that interval instead of the constant."""
+    lc = state.on_rejected(Lifecycle(phase=Phase.LOGGING_IN), "login", 10.0, 0.5, policy=lambda attempt, rand: 0.0)
+    assert state.login_wait(lc, 10.0, 0.05) == pytest.approx(0.05)
+    assert state.login_wait(lc, 10.03, 0.05) == pytest.approx(0.02)
+    assert state.login_wait(lc, 10.05, 0.05) == 0.0
+
+
 def test_a_spent_code_blocks_logins():
     """authorization_code: any answer to the exchange spends the code; a 'later' answer or a lost request does not."""
     lc = Lifecycle(grant_type="authorization_code", phase=Phase.LOGGING_IN)

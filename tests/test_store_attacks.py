@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ async def traffic(managers: list[TokenManager], idp: FakeIdP, seconds: float) ->
     return errors
 
 
+@contextlib.asynccontextmanager
+async def closing(*things: Any) -> AsyncIterator[None]:
+    """Close every manager, store or relay given, in order, when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for thing in things:
+            await thing.close()
+
+
 def presented_twice(idp: FakeIdP) -> list[str]:
     presented = [rt for kind, rt, _ in idp.calls if kind == "refresh" and rt is not None]
     return [rt for rt, n in Counter(presented).items() if n > 1]
@@ -126,11 +137,9 @@ async def test_a_garbage_record_in_the_store_file_is_unavailable_never_a_crash(t
     path.write_text(json.dumps({"format": 1, "entries": {DIGEST: record}}))
     idp = FakeIdP(lifetime=300.0)
     m = manager(idp, file_store(path))
-    try:
+    async with closing(m):
         token = await asyncio.wait_for(m.get(), 5)
         assert token.access_token.startswith("access-")
-    finally:
-        await m.close()
 
 
 # --- the same rotating refresh token, presented twice by the fleet ---------------------------------------------
@@ -159,7 +168,7 @@ async def test_a_holder_that_paused_before_its_claim_never_presents_the_refresh_
     a_store, b_store = redis_store(redis_server.url, lease_s=0.5), redis_store(redis_server.url, lease_s=0.5)
     # Both hold the same token; A renews it at half its life (1 s), B later (0.5 s before it expires).
     a, b = manager(idp, a_store), manager(idp, b_store, margin=0.5)
-    try:
+    async with closing(a, b):
         await a.get()  # A logs in and writes; B adopts
         await b.get()
         assert idp.kinds == ["login"]
@@ -168,9 +177,6 @@ async def test_a_holder_that_paused_before_its_claim_never_presents_the_refresh_
         b.start()
         errors = await traffic([a, b], idp, 2.3)
         assert paused == ["claim"], idp.calls
-    finally:
-        await a.close()
-        await b.close()
     assert presented_twice(idp) == [], idp.calls
     assert errors["expired token sent"] == 0 and errors["no token"] == 0, (errors, idp.calls)
 
@@ -182,7 +188,7 @@ async def test_a_holder_that_paused_with_the_answer_keeps_its_token_and_the_flee
     idp = FakeIdP(lifetime=LIFETIME, refresh_lifetime=600.0)
     a_store, b_store = redis_store(redis_server.url, lease_s=0.5), redis_store(redis_server.url, lease_s=0.5)
     a, b = manager(idp, a_store), manager(idp, b_store, margin=0.5)
-    try:
+    async with closing(a, b):
         await a.get()
         await b.get()
         paused = pause_before(a_store, 1.0, claim=False)
@@ -191,9 +197,6 @@ async def test_a_holder_that_paused_with_the_answer_keeps_its_token_and_the_flee
         errors = await traffic([a, b], idp, 2.4)
         assert paused == ["token"]
         held = {m.held.access_token for m in (a, b) if m.held}
-    finally:
-        await a.close()
-        await b.close()
     assert presented_twice(idp) == [], idp.calls
     assert idp.kinds[:3] == ["login", "refresh", "login"], idp.kinds
     assert errors["expired token sent"] == 0 and errors["no token"] == 0, errors
@@ -400,7 +403,7 @@ async def test_a_blackholed_redis_costs_a_renewal_one_store_timeout_not_three(re
         return got
 
     m = manager(idp, store)
-    try:
+    async with closing(m, hole):
         store.lease = lease_then_blackhole  # type: ignore[method-assign]
         started = time.monotonic()
         token = await asyncio.wait_for(m.get(), 10)
@@ -408,9 +411,6 @@ async def test_a_blackholed_redis_costs_a_renewal_one_store_timeout_not_three(re
         assert token.access_token.startswith("access-")
         assert waited < REDIS_TIMEOUT_S + 0.5, waited
         assert m.status()["store"]["state"] == "unavailable"
-    finally:
-        await m.close()
-        await hole.close()
 
 
 async def test_a_redis_that_never_answers_holds_no_request_with_a_token(redis_server):
@@ -422,7 +422,7 @@ async def test_a_redis_that_never_answers_holds_no_request_with_a_token(redis_se
     hole.swallowing = True
     idp = FakeIdP(lifetime=1.0)
     m = manager(idp, redis_store(hole.url, retry_s=5.0, retry_cap_s=5.0))  # skipped after failing, as in production
-    try:
+    async with closing(m, hole):
         started = time.monotonic()
         await asyncio.wait_for(m.get(), 10)
         assert time.monotonic() - started < REDIS_TIMEOUT_S + 0.5
@@ -437,9 +437,6 @@ async def test_a_redis_that_never_answers_holds_no_request_with_a_token(redis_se
             await asyncio.sleep(0.02)
         assert slowest < 0.1, slowest
         assert len(idp.calls) >= 3  # it renewed meanwhile, alone
-    finally:
-        await m.close()
-        await hole.close()
 
 
 # --- clocks that disagree between hosts -------------------------------------------------------------------------
@@ -457,14 +454,11 @@ async def test_a_host_whose_clock_is_off_by_30s_never_sends_an_expired_token_nor
     a_store = redis_store(redis_server.url, wall_clock=skewed(skew))
     a = manager(idp, a_store, wall_clock=skewed(skew))
     b = manager(idp, redis_store(redis_server.url))
-    try:
+    async with closing(a, b):
         await a.get()  # A writes the first token with its clock
         a.start()
         b.start()
         errors = await traffic([a, b], idp, 1.3)
-    finally:
-        await a.close()
-        await b.close()
     assert errors["expired token sent"] == 0 and errors["no token"] == 0, (errors, idp.kinds)
     assert len(idp.calls) <= 1.3 / 0.5 + 2, idp.kinds  # renewed at half-life, not in a loop
     assert presented_twice(idp) == []
@@ -489,11 +483,12 @@ async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_
     """Same credential set, same prefix, another store.key (a second cluster pointed at the same Redis): the
     second cannot open the first's entry. It renews alone, never overwrites it, never loops."""
     idp = FakeIdP(lifetime=1.0)
-    first = manager(idp, redis_store(redis_server.url))
+    first_store = redis_store(redis_server.url)
+    first = manager(idp, first_store)
     other_idp = FakeIdP(lifetime=1.0)
     second_store = redis_store(redis_server.url, key=KEY[::-1])
     second = manager(other_idp, second_store)
-    try:
+    async with closing(first, second):
         await first.get()
         first.start()
         second.start()
@@ -503,12 +498,9 @@ async def test_two_fleets_with_different_keys_on_one_redis_never_overwrite_each_
         looker = redis_store(redis_server.url)
         entry = await looker.read()
         await looker.close()
-    finally:
-        await first.close()
-        await second.close()
     assert errors["no token"] == 0 and second_errors["no token"] == 0 and second_errors["expired token sent"] == 0
     assert status["state"] == "unavailable" and "does not open with this store.key" in status["problem"]
-    assert entry is not None and entry.writer == first._store.owner
+    assert entry is not None and entry.writer == first_store.owner
     assert len(other_idp.calls) <= 1.1 / 0.5 + 2, other_idp.kinds  # renewed alone at its pace, not in a loop
 
 
@@ -557,7 +549,7 @@ async def test_redis_restarted_empty_mid_refresh_the_holder_writes_its_token_aga
     idp = FakeIdP(lifetime=LIFETIME, refresh_lifetime=600.0, grant_type="refresh_token")
     a = manager(idp, redis_store(redis_server.url))
     b = manager(idp, redis_store(redis_server.url), margin=0.5)
-    try:
+    async with closing(a, b):
         await a.get()
         await b.get()
         idp.gate = asyncio.Event()
@@ -573,9 +565,6 @@ async def test_redis_restarted_empty_mid_refresh_the_holder_writes_its_token_aga
         idp.gate.set()
         idp.gate = None
         errors = await traffic([a, b], idp, 1.2)
-    finally:
-        await a.close()
-        await b.close()
     assert presented_twice(idp) == [], idp.calls
     assert errors["expired token sent"] == 0, errors
 
@@ -591,7 +580,7 @@ async def test_a_lease_key_holding_garbage_forever_does_not_stop_the_fleet(redis
         client.hset(lease_key(), mapping={"x": b"y"})
     idp = FakeIdP(lifetime=300.0)
     m = manager(idp, redis_store(redis_server.url, lease_s=0.2))
-    try:
+    async with closing(m):
         token = None
         deadline = time.monotonic() + 3.0
         while token is None and time.monotonic() < deadline:
@@ -600,8 +589,6 @@ async def test_a_lease_key_holding_garbage_forever_does_not_stop_the_fleet(redis
             await asyncio.sleep(0.05)
         assert token is not None, m.reason()
         assert m.status()["store"]["state"] == "available"
-    finally:
-        await m.close()
         client.close()
 
 
@@ -650,15 +637,12 @@ async def test_a_refresh_that_timed_out_is_not_presented_again_by_another_replic
             idp, refresh_margin_s=60.0, store=redis_store(redis_server.url), transient_backoff=lambda *x: 5.0
         )
         b = manager(idp, redis_store(redis_server.url), margin=0.4)  # A renews at 0.75 s, B at 1.1 s
-        try:
+        async with closing(a, b):
             await a.get()
             await b.get()
             idp.outcomes = [failure]
             a.start()
             b.start()
             errors = await traffic([a, b], idp, 1.3)
-        finally:
-            await a.close()
-            await b.close()
         assert idp.kinds[:3] == ["login", "refresh", b_renews_with], (failure.reason, idp.calls)
         assert errors["expired token sent"] == 0 and errors["no token"] == 0, errors

@@ -249,17 +249,18 @@ async def test_401s_on_one_path_among_accepted_requests_stay_bounded(managers):
 async def test_a_renewal_withheld_passes_the_401_back_without_a_token_request(managers):
     """A 401 on the token a 401-triggered renewal just obtained, never accepted: None at once, no token request;
     a token obtained on schedule since then is renewed again (a second revoke right after a refresh)."""
-    clock = FakeClock()
-    idp = FakeIdP(clock, lifetime=100.0)
-    tm = managers(idp, clock=clock)
+    vt = VirtualTime()
+    idp = FakeIdP(vt, lifetime=100.0)
+    tm = managers(idp, clock=vt, sleep=vt.sleep)
     await tm.get()
     assert await tm.renew_rejected(tm.usable()) is not None
     calls = len(idp.calls)
     assert await tm.renew_rejected(tm.usable()) is None
     assert len(idp.calls) == calls
-    clock.advance(50.0)
-    await tm.get()  # the renewal due at half the lifetime ...
-    await tm._join_flight(None)  # ... as the scheduler would run it
+    tm.start()  # the scheduler ...
+    await vt.run_for(49.9)
+    assert len(idp.calls) == calls  # not before
+    await vt.run_for(0.1)  # ... renews at half the lifetime
     assert len(idp.calls) == calls + 1
     assert await tm.renew_rejected(tm.usable()) is not None
 
@@ -584,7 +585,7 @@ async def test_a_ten_minute_outage_costs_about_one_request_every_10s_after_the_f
     assert len(later) <= 540 / 10, later
     assert all(b - a >= 9.9 for a, b in itertools.pairwise(later)), later
     idp.outcomes = []
-    await vt.run_until(lambda: tm.usable() is not None, within=state.TRANSIENT_BACKOFF_CAP_S * 1.6)
+    await vt.run_until(lambda: tm.usable() is not None, within=state.TRANSIENT_BACKOFF_CAP_S * 1.6, step=1.0)
 
 
 def test_retry_delay_fits_the_token_that_is_left():
@@ -603,3 +604,126 @@ def test_retry_delay_fits_the_token_that_is_left():
     assert state.retry_delay(gone, 3600.0, 0.0) == state.TRANSIENT_BACKOFF_CAP_S
     assert state.retry_delay(gone, 1.0, 0.0, retry_after=30.0) == 30.0
     assert state.retry_delay(gone, 1.0, 0.0, retry_after=1e9) == state.RETRY_AFTER_CAP_S
+
+
+# --- a hostile provider, a 401-happy upstream, the clock: the schedule holds ----------------------------------
+
+
+async def test_tiny_expires_in_does_not_make_a_refresh_storm(managers):
+    """A provider issuing 50 ms tokens with refresh tokens: the sidecar refreshes every 25 ms, ~400 token
+    requests in 10 s, forever (no floor between scheduled renewals, unlike retries' RETRY_FLOOR_S)."""
+    vt = VirtualTime()
+    source = FakeIdP(vt, lifetime=0.05, refresh_lifetime=None)
+    tm = managers(source, clock=vt, sleep=vt.sleep)
+    tm.start()
+    await vt.run_for(10.0)
+    limit = 10.0 / state.RETRY_FLOOR_S + 1
+    assert len(source.calls) <= limit, f"{len(source.calls)} token requests in 10 s"
+
+
+async def test_logins_stay_a_second_apart_whatever_fails(managers):
+    """150 virtual seconds of logins failing every way (refused, 503, crash): never two logins within 1 s."""
+    vt = VirtualTime()
+    source = FakeIdP(vt, delay=0.01, sleep=vt.sleep, refresh_lifetime=None)
+    source.outcomes = list(
+        itertools.islice(itertools.cycle([rejected(), unavailable(), RuntimeError("boom"), ValueError("x")]), 2000)
+    )
+    tm = managers(
+        source,
+        clock=vt,
+        sleep=vt.sleep,
+        transient_backoff=lambda a, r, ra=None: 0.0,
+        rejected_backoff=lambda a, r: 0.0,
+    )
+    tm.start()
+    await vt.run_for(150.0)  # about 145 logins, each kind of failure followed by each
+    times = source.times("login")
+    assert len(times) >= 100
+    assert all(b - a >= state.MIN_LOGIN_INTERVAL_S for a, b in itertools.pairwise(times))
+    assert source.most_in_flight == 1
+
+
+async def test_scheduler_survives_unexpected_exceptions_from_the_provider(managers):
+    """RuntimeError / RecursionError / KeyError from a renewal are internal_error retries: renewing goes on."""
+    vt = VirtualTime()
+    source = FakeIdP(vt, lifetime=10.0)
+    tm = managers(source, clock=vt, sleep=vt.sleep)
+    tm.start()
+    await vt.run_for(0.1)
+    source.outcomes = [RuntimeError("boom"), RecursionError("deep"), KeyError("k")]
+    await vt.run_for(60.0)
+    assert tm.scheduling
+    assert tm.usable() is not None
+    assert tm.counts["failures"] == 3
+    assert tm.last_error is not None and tm.last_error.reason == "internal_error"
+
+
+async def test_upstream_that_alternates_200_and_401_costs_bounded_renewals(managers):
+    """Two virtual hours of an upstream answering 200 then 401 to every token: the renewals stay bounded."""
+    clock = FakeClock()
+    source = FakeIdP(clock, lifetime=36000.0, refresh_lifetime=None)
+    tm = managers(source, clock=clock)
+    await tm.get()
+    for n in range(7200):
+        token = tm.usable()
+        assert token is not None
+        if n % 2:
+            tm.accepted(token)
+        else:
+            await tm.renew_rejected(token)
+        clock.advance(1.0)
+    assert len(source.calls) <= 1 + state.EVIDENCE_BURST + 7200 / state.EVIDENCE_REFILL_S + state.FRESH_BURST + 2
+
+
+async def test_200_concurrent_401s_while_the_provider_hangs_cause_one_request(managers):
+    """200 requests get a 401 at once while the provider hangs: one token request, and none of them hangs forever."""
+    vt = VirtualTime()
+    source = FakeIdP(vt, lifetime=300.0)
+    tm = managers(source, clock=vt, sleep=vt.sleep)
+    token = await tm.get()
+    tm.accepted(token)
+    source.gate = asyncio.Event()
+    waiters = [asyncio.ensure_future(tm.renew_rejected(token)) for _ in range(200)]
+    await vt.run_for(1.0)
+    assert len(source.calls) == 2 and source.in_flight == 1
+    source.gate.set()
+    await vt.run_for(1.0)
+    results = await asyncio.gather(*waiters)
+    assert len({id(r) for r in results}) == 1 and results[0] is not token
+    assert len(source.calls) == 2
+
+
+async def test_clock_jump_past_expiry_never_hands_out_the_expired_token(managers):
+    """The clock jumps an hour (a suspended laptop): get() never returns the dead token; it renews first."""
+    vt = VirtualTime()
+    source = FakeIdP(vt, lifetime=300.0, refresh_lifetime=1800.0)
+    tm = managers(source, clock=vt, sleep=vt.sleep)
+    tm.start()
+    await vt.run_for(0.1)
+    old = tm.usable()
+    vt.advance(3600.0)
+    assert tm.usable() is None
+    task = asyncio.ensure_future(tm.get())
+    await vt.run_for(1.0)
+    new = await task
+    assert new is not old and vt() < new.usable_until
+    assert source.kinds[-1] == "login"  # the refresh token died too
+
+
+async def test_refresh_token_rotating_to_the_same_value_is_harmless(managers):
+    """A provider 'rotating' the refresh token to the value it already had: refreshes go on, no login."""
+    clock = FakeClock()
+    source = FakeIdP(clock, lifetime=100.0)
+    tm = managers(source, clock=clock)
+    first = await tm.get()
+
+    async def same(current: Token) -> Token:
+        source.calls.append(("refresh", current.refresh_token, clock()))
+        return Token("at-same-" + str(len(source.calls)), clock(), clock() + 100.0, refresh_token=first.refresh_token)
+
+    source.refresh = same  # type: ignore[method-assign]
+    for _ in range(3):
+        clock.advance(100.0)
+        await tm.get()
+    assert source.kinds == ["login", "refresh", "refresh", "refresh"]
+    assert {rt for kind, rt, _ in source.calls if kind == "refresh"} == {first.refresh_token}

@@ -11,6 +11,7 @@ import pytest
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream import BodyInterrupted, Exchange, Pool
 from tests.fakes.clock import FakeClock
+from tests.faults.conftest import wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 GET = b"GET /x HTTP/1.1\r\nHost: upstream\r\n\r\n"
@@ -351,3 +352,40 @@ async def test_an_oversized_response_head_is_refused():
         await pool.request("GET", GET, None)
     await pool.close()
     await server.__aexit__()
+
+
+async def test_a_cancelled_waiter_passes_its_wake_up_on():
+    """pool_size = 1: when the only connection comes back, the first waiter is woken; if its client hung
+    up in the meantime (its task is cancelled before it runs), the next waiter gets the connection instead
+    of waiting out its deadline (timeout_s, 1 s here) beside an idle one."""
+    answer_first = asyncio.Event()
+
+    def held_then_answering(server: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            await server.read_request(reader)
+            await answer_first.wait()  # the only connection stays busy until the waiters queue
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+            while True:
+                await server.read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+
+        return handler
+
+    server = await serve(held_then_answering)
+    pool = pool_for(server, limit=1, timeout_s=1.0)
+    try:
+        holder = asyncio.ensure_future(pool.request("GET", GET, None))
+        await wait_for(lambda: len(server.requests) == 1, within=2.0, step=0.005)
+        first = asyncio.ensure_future(pool.request("GET", GET, None))
+        second = asyncio.ensure_future(pool.request("GET", GET, None))
+        await wait_for(lambda: pool.waiting == 2, within=2.0, step=0.005)  # both wait
+        answer_first.set()
+        assert await read_all(await holder) == b"first"  # its last read puts the connection back: wakes the first
+        first.cancel()  # whose client hangs up before it runs
+        assert await read_all(await second) == b"next"
+        assert server.connections == 1  # the second took the connection the first was woken for
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await pool.close()
+        await server.__aexit__()

@@ -146,17 +146,17 @@ async def test_we360_session_ends_at_the_realm_logout_with_the_customer_id(aioht
     and the `refresh_token`, answered 204.
     """
 
-    class RecordingIdP(DemoIdP):
+    class LogoutRecordingIdP(DemoIdP):
         def __init__(self, **options: Any) -> None:
             super().__init__(**options)
             self.logouts: list[tuple[str, dict[str, str]]] = []
 
-        async def _logout(self, request: web.Request) -> web.Response:
+        async def logout_endpoint(self, request: web.Request) -> web.Response:
             form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
             self.logouts.append((request.content_type, form))
-            return await super()._logout(request)
+            return await super().logout_endpoint(request)
 
-    idp = RecordingIdP(realm="ind-prod", users={"ops@example.com": "pw"}, clients={"cust-4711": None})
+    idp = LogoutRecordingIdP(realm="ind-prod", users={"ops@example.com": "pw"}, clients={"cust-4711": None})
     idp.base_url = await start_app(aiohttp_server, idp.app())
     _, api_url = await _upstream(aiohttp_server)
     mapping = {

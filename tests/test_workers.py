@@ -23,10 +23,11 @@ from proxy import config as config_module
 from proxy import workers
 from proxy.cli import EXIT_CONFIG, main
 from proxy.config import config_from_mapping
+from proxy.demo import DemoIdP
 from proxy.observability import Redactor
 from proxy.workers import EXIT_FAILURE, MAX_RESTARTS, RESTART_DELAY_S, _Parent, run_workers
 from tests.fakes.servers import start_api, start_idp
-from tests.test_ops import PASSWORD, Sidecar, _write_config
+from tests.fakes.sidecar import PASSWORD, Sidecar, write_config
 
 pytestmark = pytest.mark.skipif(not config_module.WORKERS_SUPPORTED, reason="listen.workers > 1 is Linux only")
 
@@ -68,10 +69,11 @@ async def _stop(sidecar: Sidecar) -> None:
     await sidecar.kill()
 
 
-def _with_workers(config: Path, count: int = 2) -> Path:
-    text = config.read_text().replace("[listen]\n", f"[listen]\nworkers = {count}\n", 1)
-    config.write_text(text)
-    return config
+async def _two_workers(aiohttp_server: Any, tmp_path: Path, grace: float) -> tuple[DemoIdP, Sidecar]:
+    """A sidecar with listen.workers = 2 (and shutdown_grace_s ``grace``) before a demo provider and API."""
+    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
+    _, upstream = await start_api(aiohttp_server, idp)
+    return idp, await Sidecar.start(write_config(tmp_path, idp.token_url(), upstream, grace=grace, workers=2))
 
 
 async def _status_by_pid(session: aiohttp.ClientSession, url: str, want: int) -> dict[int, dict[str, Any]]:
@@ -99,9 +101,7 @@ def _assert_no_secret(sidecar: Sidecar) -> None:
 async def test_two_workers_answer_share_one_login_and_stop_on_sigterm(aiohttp_server, tmp_path):
     """Both workers answer on the one URL, the provider sees one login for the two, nothing key-shaped
     is printed, and SIGTERM stops them all within the grace: exit 0, the private store removed."""
-    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
-    _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=3)))
+    idp, sidecar = await _two_workers(aiohttp_server, tmp_path, grace=3)
     try:
         url = await sidecar.url()
         assert not url.endswith(":0")
@@ -136,9 +136,7 @@ async def test_two_workers_answer_share_one_login_and_stop_on_sigterm(aiohttp_se
 async def test_a_worker_killed_with_sigkill_is_restarted_and_serves_again(aiohttp_server, tmp_path):
     """kill -9 of one worker: the parent starts another in its place, which takes the token from the
     store (no second login) and answers; the other worker never stopped."""
-    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
-    _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=2)))
+    idp, sidecar = await _two_workers(aiohttp_server, tmp_path, grace=2)
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
@@ -167,9 +165,7 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_serves_again(aiohtt
 
 async def test_workers_end_when_the_parent_is_killed(aiohttp_server, tmp_path):
     """kill -9 of the parent: each worker gets SIGTERM from the kernel and stops, none is left serving."""
-    idp = await start_idp(aiohttp_server, users={"demo": PASSWORD})
-    _, upstream = await start_api(aiohttp_server, idp)
-    sidecar = await Sidecar.start(_with_workers(_write_config(tmp_path, idp, upstream, grace=1)))
+    _, sidecar = await _two_workers(aiohttp_server, tmp_path, grace=1)
     try:
         url = await sidecar.url()
         async with aiohttp.ClientSession() as session:
@@ -180,7 +176,7 @@ async def test_workers_end_when_the_parent_is_killed(aiohttp_server, tmp_path):
                 break
             await asyncio.sleep(0.025)
         assert [pid for pid in pids if _alive(pid)] == []
-        await asyncio.wait_for(sidecar._reader, 5)  # their last lines
+        await sidecar.output_ended()  # their last lines
         assert len(sidecar.events("sidecar.stopped")) == 2  # each drained and stopped as on SIGTERM
     finally:
         await _stop(sidecar)

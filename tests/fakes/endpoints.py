@@ -1,10 +1,11 @@
 """Token endpoints for the lifecycle tests: one that holds every request until the test lets it go
-(:class:`HeldIdP`), and one that takes its time and is its own API, refusing tokens past their real expiry
-(:class:`SlowIdP`)."""
+(:class:`HeldIdP`), one that remembers every token value it handed out (:class:`RecordingIdP`), and one
+that takes its time and is its own API, refusing tokens past their real expiry (:class:`SlowIdP`)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections import Counter
@@ -27,6 +28,20 @@ class HeldIdP(DemoIdP):
         self.waiting += 1
         await self.gate.wait()
         return await super().token_endpoint(request)
+
+
+class RecordingIdP(DemoIdP):
+    """A DemoIdP that remembers every access and refresh token value it issued, in ``issued``."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.issued: list[str] = []
+
+    def issue(self, subject: str, client_id: str) -> web.Response:
+        response = super().issue(subject, client_id)
+        body = json.loads(response.body)  # type: ignore[arg-type]
+        self.issued.extend(v for k, v in body.items() if k in ("access_token", "refresh_token"))
+        return response
 
 
 class SlowIdP:

@@ -276,3 +276,19 @@ class AlertingTLSServer:
                     return
             except OSError:
                 return
+
+
+def client_credentials_mapping(auth: dict[str, Any], upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A configuration mapping for the oauth2 provider's client_credentials grant, with the ``auth`` keys (the
+    client id and the client authentication under test; they may replace token_url) and ``upstream`` keys on
+    top. The default URLs are never contacted: for configuration errors and authenticators built from a
+    configuration."""
+    return {
+        "upstream": {"url": "https://api.example", **(upstream or {})},
+        "auth": {
+            "provider": "oauth2",
+            "token_url": "https://idp.example/token",
+            "grant_type": "client_credentials",
+            **auth,
+        },
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,6 +15,7 @@ from proxy.listener import SidecarRunner
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ClientFactory = Callable[..., Awaitable[TestClient]]
+IdP = TypeVar("IdP", bound=DemoIdP)
 
 # Backoff policies that keep tests fast: a few tens of milliseconds instead of seconds or minutes.
 FAST_BACKOFF: dict[str, Any] = {
@@ -34,7 +35,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 async def start_idp(aiohttp_server: ServerFactory, **options: Any) -> DemoIdP:
-    idp = DemoIdP(**options)
+    return await serve_idp(aiohttp_server, DemoIdP(**options))
+
+
+async def serve_idp(aiohttp_server: ServerFactory, idp: IdP) -> IdP:
+    """Serve ``idp`` (a DemoIdP or one of the fakes built on it) on 127.0.0.1; sets its base_url."""
     server = await aiohttp_server(idp.app())
     idp.base_url = str(server.make_url("")).rstrip("/")
     return idp
@@ -51,20 +56,33 @@ async def start_app(aiohttp_server: ServerFactory, app: web.Application) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any]) -> Config:
-    """A proxy config for the demo Keycloak-like provider, with per-section overrides."""
+def proxy_config(token_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A Keycloak-dialect proxy config (client demo-client, user demo) pointed at any token endpoint and
+    upstream, with per-section overrides."""
     base = {
         "listen": {"port": 0},
         "upstream": {"url": upstream_url},
         "auth": {
             "provider": "keycloak",
-            "token_url": idp.token_url(),
+            "token_url": token_url,
             "client_id": "demo-client",
             "username": "demo",
             "password": "demo",
         },
     }
     return config_from_mapping(deep_merge(base, sections), source="test")
+
+
+def keycloak_config(idp: DemoIdP, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A proxy config for the demo Keycloak-like provider ``idp``, with per-section overrides."""
+    return proxy_config(idp.token_url(), upstream_url, **sections)
+
+
+# Manager options for a test whose second login is incidental: logins spaced 50 ms apart instead of
+# state.MIN_LOGIN_INTERVAL_S (1 s), which it would wait for while asserting nothing about the spacing. The
+# spacing itself is tested at its real value (test_state, test_tokens): never use this where a test asserts
+# how far apart logins are, or reads MIN_LOGIN_INTERVAL_S.
+QUICK_LOGINS: dict[str, Any] = {"min_login_interval_s": 0.05}
 
 
 class SidecarTestServer(TestServer):

@@ -12,16 +12,13 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.app import TOKENS
-from proxy.config import Config, config_from_mapping
 from proxy.tokens import TokenManager
-from tests.fakes.servers import deep_merge
 
 RAW_READ_TIMEOUT_S = 5.0
 
@@ -29,22 +26,6 @@ RAW_READ_TIMEOUT_S = 5.0
 PASSWORD = "pw-Hunter2-never-logged"
 CLIENT_SECRET = "cs-9f8e7d6c-never-logged"
 API_KEY = "ak-5b4a3928-never-logged"
-
-
-def proxy_config(token_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
-    """A Keycloak-dialect proxy config pointed at any token endpoint and upstream, with overrides."""
-    base = {
-        "listen": {"port": 0},
-        "upstream": {"url": upstream_url},
-        "auth": {
-            "provider": "keycloak",
-            "token_url": token_url,
-            "client_id": "demo-client",
-            "username": "demo",
-            "password": "demo",
-        },
-    }
-    return config_from_mapping(deep_merge(base, sections), source="test")
 
 
 def manager(client: TestClient) -> TokenManager:

@@ -14,8 +14,16 @@ from aiohttp import web
 from proxy import state
 from proxy.demo import DemoIdP, Fault
 from proxy.observability import LOGGER_NAME, TextFormatter
-from tests.fakes.servers import keycloak_config, start_api, start_app, start_idp, start_proxy
-from tests.faults.conftest import PASSWORD, app_with, events, manager, proxy_config, wait_for
+from tests.fakes.servers import (
+    QUICK_LOGINS,
+    keycloak_config,
+    proxy_config,
+    start_api,
+    start_app,
+    start_idp,
+    start_proxy,
+)
+from tests.faults.conftest import PASSWORD, app_with, events, manager, wait_for
 
 TOKEN_PATH = "/realms/demo/protocol/openid-connect/token"
 # "Quickly": a request without a usable token is answered well within this, whatever the provider does.
@@ -254,7 +262,6 @@ async def test_rejected_login_is_not_retried_soon(
     assert sum(api.hits.values()) == 0
 
 
-@pytest.mark.usefixtures("quick_logins")
 async def test_one_error_line_per_rejected_attempt(aiohttp_server, aiohttp_client):
     """Each rejected login is one ERROR line naming the provider's error and description; the backoff grows."""
     attempts: list[int] = []
@@ -271,7 +278,9 @@ async def test_one_error_line_per_rejected_attempt(aiohttp_server, aiohttp_clien
 
     idp = await start_idp(aiohttp_server, users={"demo": "another-password"})
     _api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url), rejected_backoff=short_backoff)
+    client = await start_proxy(
+        aiohttp_client, keycloak_config(idp, api_url), rejected_backoff=short_backoff, **QUICK_LOGINS
+    )
     await wait_for(lambda: idp.token_requests >= 3, within=3.0)
     await client.close()  # stop the scheduler so the counts below are final
 
@@ -286,13 +295,12 @@ async def test_one_error_line_per_rejected_attempt(aiohttp_server, aiohttp_clien
     assert state.rejected_backoff(0, 0.0) >= 50
 
 
-@pytest.mark.usefixtures("quick_logins")
 async def test_rejected_then_fixed_recovers(aiohttp_server, aiohttp_client):
     """When the provider accepts the credentials again (account unlocked), the next attempt logs in and serves."""
     idp = await start_idp(aiohttp_server)
     idp.fail_next(Fault(400, body={"error": "invalid_grant", "error_description": "Account is temporarily disabled"}))
     _api, api_url = await start_api(aiohttp_server, idp)
-    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url))
+    client = await start_proxy(aiohttp_client, keycloak_config(idp, api_url), **QUICK_LOGINS)
     await wait_for(lambda: manager(client).last_error is not None)
     await wait_for(lambda: manager(client).usable() is not None, within=3.0)
     assert (await client.get("/v1/hello")).status == 200

@@ -28,11 +28,10 @@ from proxy.observability import (
     setup_logging,
 )
 from proxy.state import fingerprint
-from tests.fakes.servers import keycloak_config, start_api, start_idp, start_proxy
+from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_idp, start_proxy
 from tests.faults.conftest import API_KEY, CLIENT_SECRET, PASSWORD, manager, wait_for
 
 # A second login waits 50 ms, not 1 s: no test here is about the login spacing.
-pytestmark = pytest.mark.usefixtures("quick_logins")
 
 # Shaped like a real JWT (header.payload.signature, base64url); never issued by anyone.
 FAKE_JWT = (
@@ -90,7 +89,7 @@ async def test_full_cycle_logs_no_secret(aiohttp_server, aiohttp_client, fmt, ra
         log={"level": "debug", "format": fmt},
     )
     stream, raw = _capture(fmt, config.secrets(), raw_records)
-    client = await start_proxy(aiohttp_client, config, rejection_renewal_interval_s=0.0)
+    client = await start_proxy(aiohttp_client, config, rejection_renewal_interval_s=0.0, **QUICK_LOGINS)
     key = {"X-Api-Key": API_KEY}
     issued: set[str] = set()
 
@@ -165,7 +164,7 @@ async def test_provider_echoing_the_password_is_masked_everywhere(aiohttp_server
     _api, api_url = await start_api(aiohttp_server, idp)
     config = keycloak_config(idp, api_url, auth={"password": PASSWORD})
     stream, _ = _capture("text", config.secrets())
-    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 60.0)
+    client = await start_proxy(aiohttp_client, config, rejected_backoff=lambda attempt, rand: 60.0, **QUICK_LOGINS)
     await wait_for(lambda: manager(client).last_error is not None)
     answers = {path: await client.get(path) for path in ("/-/ready", "/-/status", "/v1/hello")}
     assert [r.status for r in answers.values()] == [503, 200, 503]

@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import proxy
 from proxy import state
-from proxy.app import FORWARDER, TOKENS
+from proxy.app import FORWARDER, TOKENS, make_app
 from proxy.demo import DemoAPI, DemoIdP, Fault
 from proxy.errors import NoToken
 from proxy.state import Phase
@@ -39,7 +39,7 @@ from proxy.tokens import TokenManager
 from proxy.upstream import Pool
 from tests.fakes.clock import VirtualTime
 from tests.fakes.idp import FakeIdP
-from tests.fakes.servers import keycloak_config, start_proxy
+from tests.fakes.servers import FAST_BACKOFF, keycloak_config, start_proxy
 from tests.faults.conftest import manager
 
 VIRTUAL_SOAK_S = 40.0
@@ -280,10 +280,10 @@ class WatchedIdP(DemoIdP):
             self.retry_afters.append((time.monotonic(), float(response.headers.get("Retry-After", "0"))))
         return response
 
-    def _issue(self, subject: str, client_id: str) -> web.Response:
+    def issue(self, subject: str, client_id: str) -> web.Response:
         if self.unhealthy():
             self.windows[-1][1] = time.monotonic()
-        response = super()._issue(subject, client_id)
+        response = super().issue(subject, client_id)
         self.issued[next(reversed(self.access))] = time.monotonic()
         return response
 
@@ -307,19 +307,19 @@ class WatchedAPI(DemoAPI):
         super().__init__(idp)
         self.refusals: dict[str, tuple[float, str, str]] = {}  # request id -> (when, why, token)
 
-    def _authorize(self, request: web.Request) -> str | web.Response:
-        who = super()._authorize(request)
+    def authorize(self, request: web.Request) -> str | web.Response:
+        who = super().authorize(request)
         if isinstance(who, web.Response):
             token = request.headers.get(self.header, "")[len(self.prefix) :]
             self.refusals[request.headers["X-Request-Id"]] = (time.monotonic(), self.rejected[-1], token)
         return who
 
-    async def _report(self, request: web.Request) -> web.StreamResponse:
+    async def report(self, request: web.Request) -> web.StreamResponse:
         """With ``cut=N``: the first N bytes of the report, then the connection dies (``framed``: Content-Length)."""
         cut = int(request.query.get("cut", "0"))
         if not cut:
-            return await super()._report(request)
-        who = self._authorize(request)
+            return await super().report(request)
+        who = self.authorize(request)
         if isinstance(who, web.Response):
             return who
         body = b"day,employee,active_minutes\n" + b"2026-11-01,demo-0,0\n" * (cut // 10)
@@ -606,7 +606,6 @@ class Run:
         wave += [asyncio.create_task(self.get()) for _ in range(3)]
         with contextlib.suppress(AssertionError):
             await _wait_until(lambda: self.idp.in_flight == 1, SETTLE_S)
-        self.client.server.runner._shutdown_timeout = GRACE_S  # what cli.serve passes as shutdown_timeout
         began = time.monotonic()
         hurry.set()
         await self.client.server.close()
@@ -679,7 +678,10 @@ async def start_run(aiohttp_server: Any, aiohttp_client: Any, lifetime: float) -
         upstream={"pool_size": POOL_SIZE, "replay_limit_bytes": REPLAY_LIMIT},
         listen={"shutdown_grace_s": GRACE_S},
     )
-    client = await start_proxy(aiohttp_client, config, **BACKOFF)
+    # The grace cli.serve gives requests under way, given to the test server's runner (its shutdown_timeout).
+    server = TestServer(make_app(config, **{**FAST_BACKOFF, **BACKOFF}))
+    await server.start_server(shutdown_timeout=GRACE_S)
+    client = await aiohttp_client(server)
     return Run(client, idp, api, api_server)
 
 

@@ -25,7 +25,7 @@ from proxy.config import config_from_mapping
 from proxy.demo import DemoIdP
 from tests.wire.client import WireClient
 from tests.wire.recorder import Recorder
-from tests.wire.servers import SERVER_NAMES, RealServer, launch_all
+from tests.wire.servers import SERVER_NAMES, RealServer, launch_all, stop_all
 
 # Small, so that bodies on both sides of it (buffered and replayable / streamed) cost nothing to send.
 REPLAY_LIMIT = 1024
@@ -154,8 +154,7 @@ def real_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     try:
         yield servers
     finally:
-        for server in servers.values():
-            server.stop()
+        stop_all(servers.values())
 
 
 @dataclass

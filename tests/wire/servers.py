@@ -4,8 +4,9 @@ Each server gets a free port, a temporary directory for its request log and its 
 with the test interpreter (``sys.executable -m gunicorn ...``) so the venv's packages are the ones
 tested. :func:`launch_all` starts them all at once (startup overlaps); :meth:`RealServer.wait_ready`
 sends an HTTP probe until one is answered, bounded in time; :meth:`RealServer.stop` terminates the
-process group by its id and kills it after a bounded wait. A server that cannot be started (binary or
-module missing, crash at startup) is reported with a message saying so and the tail of its output.
+process group by its id and kills it after a bounded wait (:func:`stop_all` stops them all at once). A
+server that cannot be started (binary or module missing, crash at startup) is reported with a message
+saying so and the tail of its output.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,24 +250,38 @@ class RealServer:
             f"{self.name} did not answer HTTP on port {self.port} within {timeout_s:g}s; output:\n{self.output_tail()}"
         )
 
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM to its process group); :meth:`stop` waits for it."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
     def stop(self) -> None:
+        self.terminate()
         proc = self.proc
         if proc is not None:
-            if proc.poll() is None:
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(STOP_TIMEOUT_S)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(STOP_TIMEOUT_S)
             # Workers left behind by a leader that died first (same group, ours): never outlive the run.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
         if self._output_file is not None:
             self._output_file.close()
             self._output_file = None
+
+
+def stop_all(servers: Iterable[RealServer]) -> None:
+    """Stop every server, their graceful shutdowns (up to a second each) overlapping."""
+    servers = list(servers)
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.stop()
 
 
 def _probe(port: int, probe_id: str) -> bool:
