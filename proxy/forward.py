@@ -162,6 +162,11 @@ class Forwarder:
         # The tasks of the requests under way (a shutdown lets them finish, then cancels what is left).
         self.under_way: set[asyncio.Task[Any]] = set()
 
+    @property
+    def pool(self) -> Pool:
+        """The upstream connection pool (its stats: Pool.waiting, idle_in_use, open_connections)."""
+        return self._pool
+
     def set_static_headers(self, headers: Mapping[str, str]) -> None:
         """Put the static ``[inject] headers`` in force (at start, and when a ``headers_file`` rotates: its
         names never change, so what is dropped from the client's request stays). Pre-encoded once."""

@@ -398,7 +398,7 @@ async def _proxy(aiohttp_server, aiohttp_client, url: str, manager: dict | None 
 
 
 def _pool(client: TestClient) -> Pool:
-    return client.server.app[FORWARDER]._pool
+    return client.server.app[FORWARDER].pool
 
 
 async def _head(reader: asyncio.StreamReader) -> bytes:

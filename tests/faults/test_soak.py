@@ -432,7 +432,7 @@ class Run:
 
     @property
     def pool(self) -> Pool:
-        return self.client.server.app[FORWARDER]._pool
+        return self.client.server.app[FORWARDER].pool
 
     async def request(
         self,
