@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     try:
         if args.dev:
-            return _run(_dev(args, env))
+            return run(_dev(args, env))
         config = load_config(resolve_config_path(args.config, env), env)
         if args.port is not None:
             config = _with_port(config, args.port)
@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return EXIT_CONFIG
     redactor = setup_logging(config.log.level, config.log.format, config.secrets())
     if args.check:
-        return _run(check(config))
+        return run(check(config))
     if config.listen.workers > 1:
         return run_workers(config, redactor, lambda worker_config, worker: _worker(worker_config, worker, redactor))
     try:
-        return _run(serve(config, redactor=redactor))
+        return run(serve(config, redactor=redactor))
     finally:
         flush_access_log()  # the last batch of access lines, however the run ended
 
@@ -103,12 +103,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def _worker(config: Config, worker: WorkerInfo, redactor: Redactor) -> int:
     """One of listen.workers, in its forked process: a whole sidecar on its own SO_REUSEPORT socket."""
     try:
-        return _run(serve(config, redactor=redactor, worker=worker))
+        return run(serve(config, redactor=redactor, worker=worker))
     finally:
         flush_access_log()
 
 
-def _run(main_coro: Coroutine[Any, Any, int]) -> int:
+def run(main_coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed (the `fast` extra), else on asyncio's loop."""
     # Decided before the run, not around it: an exception raised while handling the ImportError would
     # carry it as its __context__, and every traceback from the run would end in "No module named 'uvloop'".
@@ -214,11 +214,11 @@ async def serve(
     url = _listen_url(runner, config)
     if worker is None:
         event("sidecar.listening", url=url)
-        _warn_if_exposed(config)
+        warn_if_exposed(config)
     else:  # the parent logs sidecar.listening once every worker listens
         event("worker.listening", url=url, index=worker.index, pid=os.getpid())
         if worker.index == 0:
-            _warn_if_exposed(config)
+            warn_if_exposed(config)
         worker.listening()
     if on_listening is not None:
         result = on_listening(url)
@@ -271,7 +271,7 @@ def _listen_url(runner: web.BaseRunner, config: Config) -> str:
     return f"http://{shown}:{port}"
 
 
-def _warn_if_exposed(config: Config) -> None:
+def warn_if_exposed(config: Config) -> None:
     access = config.access
     if not is_loopback_host(config.listen.host) and not (access.api_key or access.allow_clients):
         event(

@@ -358,7 +358,7 @@ class IdentityProvider:
                         f"token endpoint unreachable: {refusal(proxy, 407, url)}", reason="unreachable"
                     )
                 status, content_type = resp.status, resp.content_type
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_s(resp.headers.get("Retry-After"))
                 # An error body is only described (its first MAX_ERROR_BODY bytes); a token body must be whole.
                 raw, whole = await _read_body(resp.content, MAX_ERROR_BODY if status >= 300 else MAX_TOKEN_BODY)
         except TimeoutError as exc:
@@ -555,7 +555,7 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None  # "NaN", "Infinity" and Python's json's Infinity
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     try:

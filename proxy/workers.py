@@ -193,10 +193,10 @@ class _Parent:
     def run(self) -> int:
         try:
             for slot in self.slots:
-                self._start(slot)
+                self.start_worker(slot)
             while not (self.stopping and all(slot.pid == 0 for slot in self.slots)):
                 self._step()
-            return self._exit_code()
+            return self.exit_code()
         finally:
             self._kill_all()
             os.close(self.ready_r)
@@ -219,12 +219,12 @@ class _Parent:
         for slot in self.slots:
             if slot.restart_at is not None and slot.restart_at <= now and not self.stopping:
                 slot.restart_at = None
-                self._start(slot)
+                self.start_worker(slot)
         if self.stopping and now >= self.stop_deadline:
             for slot in self.slots:
                 if slot.pid:
                     event("worker.killed", level=logging.WARNING, index=slot.index, pid=slot.pid)
-                    _send(slot.pid, signal.SIGKILL)
+                    send_signal(slot.pid, signal.SIGKILL)
             self.failure = self.failure or EXIT_FAILURE
             self.stop_deadline = now + STOP_MARGIN_S  # reaped within a moment; never wait forever
 
@@ -234,11 +234,11 @@ class _Parent:
                 event(
                     "workers.stopping", signal=signal.Signals(signo).name, grace_s=self.config.listen.shutdown_grace_s
                 )
-            self._stop(signo)
+            self.stop(signo)
         elif signo == signal.SIGHUP:
             self._forward(signal.SIGHUP)
 
-    def _stop(self, signo: int = signal.SIGTERM) -> None:
+    def stop(self, signo: int = signal.SIGTERM) -> None:
         if not self.stopping:
             self.stopping = True
             self.stop_deadline = time.monotonic() + self.config.listen.shutdown_grace_s + STOP_MARGIN_S
@@ -250,15 +250,15 @@ class _Parent:
     def _forward(self, signo: int) -> None:
         for slot in self.slots:
             if slot.pid:
-                _send(slot.pid, signo)
+                send_signal(slot.pid, signo)
 
-    def _start(self, slot: _Slot) -> None:
+    def start_worker(self, slot: _Slot) -> None:
         slot.listening = False
         info = WorkerInfo(slot.index, self.count, self.ready_w)
         try:
             pid = os.fork()
         except OSError as exc:  # out of processes or memory: a death like any other, restarted after the backoff
-            self._exited(slot, EXIT_FAILURE, fork_failed=exc.strerror or str(exc))
+            self.exited(slot, EXIT_FAILURE, fork_failed=exc.strerror or str(exc))
             return
         if pid == 0:  # the worker: never returns into the parent's code
             code = EXIT_FAILURE
@@ -290,9 +290,9 @@ class _Parent:
             if slot is None:
                 continue
             slot.pid, slot.listening = 0, False
-            self._exited(slot, os.waitstatus_to_exitcode(status))
+            self.exited(slot, os.waitstatus_to_exitcode(status))
 
-    def _exited(self, slot: _Slot, code: int, **why: str) -> None:
+    def exited(self, slot: _Slot, code: int, **why: str) -> None:
         """``code`` as os.waitstatus_to_exitcode gives it: the exit status, or minus the signal number."""
         how: dict[str, Any] = {"code": code} if code >= 0 else {"signal": _signal_name(-code)}
         how.update(why)
@@ -308,7 +308,7 @@ class _Parent:
         if code == EXIT_CONFIG:
             event("worker.exited", level=logging.ERROR, index=slot.index, expected=False, restart="no", **how)
             self.failure = EXIT_CONFIG
-            self._stop()
+            self.stop()
             return
         if len(slot.deaths) > MAX_RESTARTS:
             event("worker.exited", level=logging.ERROR, index=slot.index, expected=False, restart="no", **how)
@@ -321,7 +321,7 @@ class _Parent:
                 detail="a worker keeps dying: stopping the others",
             )
             self.failure = EXIT_FAILURE
-            self._stop()
+            self.stop()
             return
         delay = min(RESTART_DELAY_CAP_S, RESTART_DELAY_S * 2 ** (len(slot.deaths) - 1))
         event("worker.exited", level=logging.WARNING, index=slot.index, expected=False, restart_in_s=delay, **how)
@@ -346,7 +346,7 @@ class _Parent:
             self.announced = True
             event("sidecar.listening", url=listen_url(self.config), workers=self.count)
 
-    def _exit_code(self) -> int:
+    def exit_code(self) -> int:
         if self.failure is not None:
             return self.failure
         if any(slot.code != EXIT_OK for slot in self.slots):
@@ -358,13 +358,13 @@ class _Parent:
         """On the way out, however it came: no worker outlives the parent."""
         for slot in self.slots:
             if slot.pid:
-                _send(slot.pid, signal.SIGKILL)
+                send_signal(slot.pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(slot.pid, 0)
                 slot.pid = 0
 
 
-def _send(pid: int, signo: int) -> None:
+def send_signal(pid: int, signo: int) -> None:
     """Signal one worker. Only a real child's pid: kill(0, ...) would reach the whole process group and
     kill(-1, ...) every process this user may signal, so anything below 2 is refused outright."""
     if pid < 2:

@@ -115,7 +115,7 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
 
 @pytest.mark.parametrize("uvloop_installed", [True, False], ids=["uvloop", "no-uvloop"])
 def test_an_exception_escaping_the_run_carries_no_uvloop_import_error(monkeypatch, uvloop_installed):
-    """cli._run decides on uvloop before the run: what the run raises is not chained to an ImportError."""
+    """cli.run decides on uvloop before the run: what the run raises is not chained to an ImportError."""
     if uvloop_installed:
         pytest.importorskip("uvloop")
     else:
@@ -125,6 +125,6 @@ def test_an_exception_escaping_the_run_carries_no_uvloop_import_error(monkeypatc
         raise RuntimeError("raised inside the run")
 
     with pytest.raises(RuntimeError, match="raised inside the run") as raised:
-        cli._run(fails())
+        cli.run(fails())
     chained = _chain(raised.value)
     assert not [exc for exc in chained if isinstance(exc, ImportError)], chained

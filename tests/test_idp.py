@@ -456,7 +456,7 @@ async def test_oauth_errors_are_classified(aiohttp_server, session, status, body
 )
 def test_retry_after_is_capped_and_floored(value):
     """Any Retry-After (huge, negative, NaN, an HTTP-date years away) gives a retry between the floor and 10 min."""
-    parsed = idp_module._retry_after(value)
+    parsed = idp_module.retry_after_s(value)
     lc = state.Lifecycle(phase=Phase.LOGGING_IN)
     failed = state.on_failed(lc, "login", 1000.0, 0.5, retry_after=parsed)
     delay = failed.retry_at - 1000.0

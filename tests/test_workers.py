@@ -266,14 +266,14 @@ def test_restarts_back_off_and_a_crash_loop_gives_up_with_exit_1():
         slot = parent.slots[1]
         delays = []
         for _ in range(MAX_RESTARTS):
-            parent._exited(slot, -signal.SIGKILL)
+            parent.exited(slot, -signal.SIGKILL)
             assert slot.restart_at is not None and not parent.stopping
             delays.append(round(slot.restart_at - time.monotonic(), 1))
             slot.restart_at = None
         assert delays == [RESTART_DELAY_S * 2**n for n in range(MAX_RESTARTS)]
-        parent._exited(slot, 1)
+        parent.exited(slot, 1)
         assert parent.stopping and parent.failure == EXIT_FAILURE and slot.restart_at is None
-        assert parent._exit_code() == EXIT_FAILURE
+        assert parent.exit_code() == EXIT_FAILURE
     finally:
         os.close(parent.ready_r)
         os.close(parent.ready_w)
@@ -283,9 +283,9 @@ def test_a_worker_exiting_2_stops_everything_with_exit_2():
     """A worker that exits 2 (its configuration is bad) is not restarted: the parent exits 2."""
     parent = _Parent(_workers_config(), lambda *_: 0, [])
     try:
-        parent._exited(parent.slots[0], EXIT_CONFIG)
+        parent.exited(parent.slots[0], EXIT_CONFIG)
         assert parent.stopping and parent.slots[0].restart_at is None
-        assert parent._exit_code() == EXIT_CONFIG
+        assert parent.exit_code() == EXIT_CONFIG
     finally:
         os.close(parent.ready_r)
         os.close(parent.ready_w)
@@ -302,7 +302,7 @@ def test_a_fork_that_fails_is_a_death_restarted_after_the_backoff(monkeypatch, c
     monkeypatch.setattr(os, "fork", no_fork)
     try:
         with caplog.at_level("WARNING", logger="oauth_sidecar"):
-            parent._start(parent.slots[0])
+            parent.start_worker(parent.slots[0])
         assert parent.slots[0].pid == 0 and parent.slots[0].restart_at is not None and not parent.stopping
         (record,) = [r for r in caplog.records if r.getMessage() == "worker.exited"]
         assert record.fields["fork_failed"] == "Resource temporarily unavailable"
@@ -318,13 +318,13 @@ def test_a_stop_while_a_worker_waits_for_its_restart_is_clean(monkeypatch):
     monkeypatch.setattr(os, "kill", lambda pid, signo: sent.append((pid, signo)))  # no signal leaves this test
     parent = _Parent(_workers_config(), lambda *_: 0, [])
     try:
-        parent._exited(parent.slots[0], -signal.SIGKILL)  # died, waits for its restart
+        parent.exited(parent.slots[0], -signal.SIGKILL)  # died, waits for its restart
         parent.slots[1].pid = FAKE_PID  # the running worker
-        parent._stop()
+        parent.stop()
         assert parent.slots[0].restart_at is None and sent == [(FAKE_PID, signal.SIGTERM)]
         parent.slots[1].pid = 0
-        parent._exited(parent.slots[1], 0)
-        assert parent._exit_code() == 0
+        parent.exited(parent.slots[1], 0)
+        assert parent.exit_code() == 0
     finally:
         os.close(parent.ready_r)
         os.close(parent.ready_w)
@@ -337,7 +337,7 @@ def test_the_parent_never_signals_a_pid_below_2(monkeypatch):
     monkeypatch.setattr(os, "kill", lambda pid, signo: sent.append((pid, signo)))
     for pid in (1, 0, -1):
         with pytest.raises(ValueError, match="not a worker's pid"):
-            workers._send(pid, signal.SIGTERM)
+            workers.send_signal(pid, signal.SIGTERM)
     assert sent == []
 
 

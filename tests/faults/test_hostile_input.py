@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 import proxy.access
-from proxy.cli import _warn_if_exposed, serve
+from proxy.cli import serve, warn_if_exposed
 from tests.fakes.servers import keycloak_config, start_app, start_idp, start_proxy
 from tests.faults.conftest import API_KEY, app_with, body_of, events, raw_request, status_of
 
@@ -346,7 +346,7 @@ def _config(host: str, **access):
 )
 def test_exposed_listener_warns_loudly(caplog, host, access, warned):
     """Listening beyond loopback with neither api_key nor allow_clients: one WARNING saying who can use it."""
-    _warn_if_exposed(_config(host, **access))
+    warn_if_exposed(_config(host, **access))
     exposed = events(caplog, "sidecar.exposed")
     if warned:
         assert len(exposed) == 1
@@ -361,7 +361,7 @@ def test_exposed_listener_warns_loudly(caplog, host, access, warned):
 async def test_serve_runs_the_exposure_check(monkeypatch):
     """serve() checks for exposure once the listener is up (the check itself is tested above)."""
     checked = []
-    monkeypatch.setattr("proxy.cli._warn_if_exposed", lambda config: checked.append(config.listen.host))
+    monkeypatch.setattr("proxy.cli.warn_if_exposed", lambda config: checked.append(config.listen.host))
     stop = asyncio.Event()
     code = await asyncio.wait_for(serve(_config("127.0.0.1"), on_listening=lambda url: stop.set(), stop=stop), 10)
     assert code == 0
