@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.cli import EXIT_CONFIG, check, main
 from proxy.demo import DemoIdP
 from tests.fakes.servers import keycloak_config, start_app, start_idp, start_proxy
-from tests.fakes.sidecar import PASSWORD, Sidecar, clean_env, wait_ready, write_config
+from tests.fakes.sidecar import PASSWORD, Sidecar, clean_env, spawn, wait_ready, write_config
 
 
 async def _refuses_connections(port: int, seconds: float = 5.0) -> bool:
@@ -163,18 +163,7 @@ async def test_rfc7009_revocation_on_shutdown_only_when_asked(aiohttp_server, ai
 
 
 async def _run_check(config: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--check",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_env(),
-        cwd=config.parent,
-    )
+    proc = await spawn(config, "--check")
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:

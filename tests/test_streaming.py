@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.fakes.servers import start_app, start_idp
+from tests.fakes.sidecar import spawn
 
 MiB = 1024 * 1024
 DOWNLOAD_BYTES = 300 * MiB
@@ -85,15 +85,7 @@ password = "demo"
 level = "warning"
 """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn(config, stdout=asyncio.subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:

@@ -64,6 +64,23 @@ def write_config(
     return path
 
 
+async def spawn(config: Path, *args: str, stdout: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+    """``python -m proxy [args] --config config`` in the config's directory, with a clean environment; its
+    stderr (the log) piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        "--config",
+        str(config),
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+        cwd=config.parent,
+    )
+
+
 class Sidecar:
     """``python -m proxy --config PATH`` as a child process, its JSON log lines collected as they come."""
 
@@ -75,18 +92,7 @@ class Sidecar:
 
     @classmethod
     async def start(cls, config: Path) -> Sidecar:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=clean_env(),
-            cwd=config.parent,
-        )
-        return cls(proc)
+        return cls(await spawn(config))
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
