@@ -138,7 +138,6 @@ def _clients(manager_options: dict[str, Any]) -> Callable[[web.Application], Asy
     return clients
 
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
