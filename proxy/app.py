@@ -69,19 +69,12 @@ def upstream_ssl_context(config: Config) -> ssl.SSLContext:
 
 def make_app(config: Config, **manager_options: Any) -> web.Application:
     """The proxy as an aiohttp application. ``manager_options`` go to TokenManager (tests: backoff)."""
-    dispatch = Dispatch()
-
-    @web.middleware
-    async def non_path_targets(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        # A target that is not a path (CONNECT host:443, OPTIONS *) matches no route of the router.
-        return await (handler(request) if request.path.startswith("/") else dispatch(request))
-
-    app = web.Application(handler_args=HANDLER_ARGS, middlewares=[non_path_targets])
+    app = web.Application(handler_args=HANDLER_ARGS, middlewares=[_non_path_targets])
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[GUARD] = Guard(config.listen, config.access)
     app[SECRETS] = Secrets(config)
-    app[DISPATCH] = dispatch
+    app[DISPATCH] = Dispatch()
     app.cleanup_ctx.append(_clients(manager_options))
     # Served as an Application, every path goes to Dispatch. "." does not match a newline: with "/{tail:.*}",
     # /a%0Ab got aiohttp's plain-text 404. Dispatch answers Expect itself (the route's handler would first).
@@ -90,6 +83,15 @@ def make_app(config: Config, **manager_options: Any) -> web.Application:
 
 
 async def _routed(request: web.Request) -> web.StreamResponse:
+    return await request.app[DISPATCH](request)
+
+
+@web.middleware
+async def _non_path_targets(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """A target that is not a path (``CONNECT host:443``, ``OPTIONS *``) matches no route of the router:
+    Dispatch has the forwarder refuse it with its 400 JSON, instead of aiohttp's plain-text 404."""
+    if request.path.startswith("/"):
+        return await handler(request)
     return await request.app[DISPATCH](request)
 
 

@@ -360,28 +360,32 @@ class Forwarder:
         self._metrics.observe_upstream(time.monotonic() - started)
         return exchange, sent[-1]
 
-    def _response_lines(self, upstream: Exchange, drop: frozenset[bytes], request_id: str, cors: bool) -> bytes:
-        """The upstream's end-to-end header lines for the client, and X-Request-Id when it sent none."""
-        # One pass in the common case, where a Connection header names only hop-by-hop headers (nginx's
-        # "keep-alive"); a name beyond those (or CORS, which replaces the upstream's Allow-Origin) needs the
-        # names known before the lines are chosen: the second pass below.
-        lines: list[bytes] = []
-        more = bool(cors)
-        has_id = False
+    def _response_lines(
+        self, upstream: Exchange, drop: frozenset[bytes], request_id: str, cors: bool, reason: bytes
+    ) -> bytes:
+        """The upstream's end-to-end header lines for the client, and X-Request-Id when it sent none.
+        ``reason``: the upstream's reason phrase as bytes, checked here with the lines."""
+        connection: list[bytes] = []
+        kept = []
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
-                if lowered == b"connection" and not more and value.lower() not in _HOP_BY_HOP_ONLY:
-                    more = not _named_in_connection((value,)) <= drop
+                if lowered == b"connection":
+                    connection.append(value)
                 continue
-            lines += (name, b": ", value, b"\r\n")
-            has_id = has_id or lowered == b"x-request-id"
-        if more:
-            lines, has_id = self._response_lines_named(upstream, drop, cors)
+            kept.append((lowered, name, value))
+        named = _named_in_connection(connection) if connection else set()
+        if cors:
+            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
         # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1). llhttp has refused
         # CR, LF and NUL inside them and inside the reason; the scan below is the second lock on that door,
         # since one stray LF here would let the upstream write a second response head to the client.
-        reason = upstream.reason.encode("latin-1")
+        lines: list[bytes] = []
+        has_id = False
+        for lowered, name, value in kept:
+            if lowered not in named:
+                lines += (name, b": ", value, b"\r\n")
+                has_id = has_id or lowered == b"x-request-id"
         raw = b"".join(lines)
         count = len(lines) // 4
         if (
@@ -396,28 +400,13 @@ class Forwarder:
             raw += b"X-Request-Id: %s\r\n" % request_id.encode("ascii")
         return raw
 
-    @staticmethod
-    def _response_lines_named(upstream: Exchange, drop: frozenset[bytes], cors: bool) -> tuple[list[bytes], bool]:
-        """The lines (and whether X-Request-Id is among them) without the headers the upstream's Connection
-        header names (RFC 9110 §7.6.1), nor, with ``cors``, its Access-Control-Allow-Origin."""
-        named = _named_in_connection(value for name, value in upstream.headers if name.lower() == b"connection")
-        if cors:
-            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
-        lines: list[bytes] = []
-        has_id = False
-        for name, value in upstream.headers:
-            lowered = name.lower()
-            if lowered not in drop and lowered not in named:
-                lines += (name, b": ", value, b"\r\n")
-                has_id = has_id or lowered == b"x-request-id"
-        return lines, has_id
-
     async def _tunnel(
         self, request: web.BaseRequest, upstream: Exchange, request_id: str, accept: str, progress: Progress
     ) -> web.StreamResponse:
         """The upstream switched to WebSocket: answer the client's handshake and relay bytes (proxy/websocket.py)."""
         websocket.check_switch(upstream.headers, accept)  # else 502, before the client got anything
-        lines = websocket.UPGRADE_LINES + self._response_lines(upstream, self._drop_response, request_id, False)
+        reason = upstream.reason.encode("latin-1")
+        lines = websocket.UPGRADE_LINES + self._response_lines(upstream, self._drop_response, request_id, False, reason)
         self._metrics.count_request(request.method, 101, "upstream")
         progress.status = 101
 
@@ -445,10 +434,10 @@ class Forwarder:
         framing = upstream.framing
         bodiless = framing.body is Body.NONE and status != 204  # HEAD and 304: their Content-Length passes through
         drop = self._drop_bodiless if bodiless else self._drop_response
-        raw = self._response_lines(upstream, drop, request_id, origin is not None)
+        reason = upstream.reason.encode("latin-1")
+        raw = self._response_lines(upstream, drop, request_id, origin is not None, reason)
         if origin is not None:
             raw += b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % origin.encode("latin-1")
-        reason = upstream.reason.encode("latin-1")
         self._metrics.count_request(request.method, status, "upstream")
         if not complete:
             return RelayResponse(status, reason, raw, framing)
@@ -504,10 +493,6 @@ class Forwarder:
             return response
         await response.write_eof()
         return response
-
-
-# Connection header values that name nothing beyond the hop-by-hop headers (nginx sends keep-alive).
-_HOP_BY_HOP_ONLY = frozenset((b"keep-alive", b"upgrade"))
 
 
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:

@@ -207,6 +207,11 @@ ACCESS_MAX_PENDING = 20_000
 _ACCESS_LOGGER = '"logger": "oauth_sidecar.access"'
 
 
+def _milliseconds(seconds: float) -> float:
+    """A request's duration as the access line shows it: milliseconds, two decimals."""
+    return round(seconds * 1000, 2)
+
+
 def log_request(
     method: str, path: str, status: int, size: int, seconds: float, request_id: str, outcome: str = ""
 ) -> None:
@@ -222,7 +227,7 @@ def log_request(
         "path": path,
         "status": status,
         "bytes": size,
-        "duration_ms": round(seconds * 1000, 2),
+        "duration_ms": _milliseconds(seconds),
         "request_id": request_id,
     }
     if outcome:
@@ -293,7 +298,7 @@ class AccessWriter:
         request_id: str,
         outcome: str,
     ) -> str:
-        duration_ms = round(seconds * 1000, 2)
+        duration_ms = _milliseconds(seconds)
         redact = self._redact
         if self._generation != redact.generation:
             self._generation = redact.generation
