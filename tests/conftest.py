@@ -24,7 +24,7 @@ def _system_trust_from_its_directory(tmp_path_factory: pytest.TempPathFactory) -
     The tests trust only their own CAs (``ca_file``) anyway. Where there is no such directory, nothing changes."""
     paths = ssl.get_default_verify_paths()
     directory = os.environ.get("SSL_CERT_DIR") or paths.capath or paths.openssl_capath
-    if not directory or not any(name.endswith(".0") for name in os.listdir(directory)):
+    if not directory or not os.path.isdir(directory) or not any(name.endswith(".0") for name in os.listdir(directory)):
         yield
         return
     empty = tmp_path_factory.mktemp("trust") / "no-bundle.pem"
