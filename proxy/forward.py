@@ -19,7 +19,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -161,6 +161,7 @@ class Forwarder:
         self._ids = itertools.count(1)
         # The tasks of the requests under way (a shutdown lets them finish, then cancels what is left).
         self.under_way: set[asyncio.Task[Any]] = set()
+        self._loop = asyncio.get_running_loop()  # current_task(loop) skips looking the loop up per request
 
     @property
     def pool(self) -> Pool:
@@ -175,54 +176,81 @@ class Forwarder:
         )
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Admit the request, send it upstream with the token, relay the answer; or answer a JSON error.
+
+        One coroutine from admission to the answer, whatever path a request takes: every frame in a
+        request's coroutine chain is passed through again each time it resumes, and two more of ours cost
+        more per request than all the admission checks (bench/). The rarer steps (a body to read, a
+        rejected token, a tunnel, a streamed body) are coroutines of their own."""
         started = time.monotonic()
         method = request.method
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _usable_request_id(request_id):
             request_id = f"{self._id_prefix}{next(self._ids):012x}"
         progress = Progress()
-        self._metrics.in_flight_count += 1
-        task = asyncio.current_task()
+        metrics = self._metrics
+        metrics.in_flight_count += 1
+        task = asyncio.current_task(self._loop)
         assert task is not None
         under_way = self.under_way
         under_way.add(task)
         try:
-            return await self._forward(request, method, request_id, progress)
+            allowed_origin = self._guard.check_listener(request)
+            preflight_asked = method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+            if allowed_origin is not None and preflight_asked:
+                preflight = self._guard.preflight(request, allowed_origin)
+                progress.status = preflight.status
+                return preflight
+            target = self._target(request)
+            self._guard.check_api_key(request)
+            self._guard.check_forward(method, target.partition("?")[0])
+            upgrade = websocket.requested(request)  # a WebSocket handshake, admitted like any request
+            framing = _framing(request, method)
+            body: bytes | PacedBody | None = None
+            replayable = True
+            accept = ""
+            if upgrade:
+                if framing.has_body:
+                    raise BadRequest("a WebSocket handshake has no body")
+                accept = websocket.expected_accept(request)
+            if framing.has_body:
+                body, replayable = await self._body(request, framing)
+            connection = request.headers.getall("Connection", [])
+            head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing.header()
+            if upgrade:
+                head += websocket.UPGRADE_LINES
+            # Only now, once the body is read: a slow client must not make the proxy send a token that expired
+            # meanwhile.
+            if self._tokens.usable() is None:  # no coroutine while it is fresh
+                await self._tokens.get()  # the renewal in flight, or NoToken (503) at once
+
+            sent: list[Token] = []
+            sent_at = time.monotonic()
+            upstream = await self._pool.request(method, head, body, self._last(sent), framing=framing, upgrade=upgrade)
+            metrics.observe_upstream(time.monotonic() - sent_at)
+            token = sent[-1]
+            try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
+                if upstream.status == 401 and replayable:
+                    upstream, token = await self._retry_rejected(method, head, body, framing, upgrade, upstream, token)
+                if upstream.status != 401:
+                    self._tokens.accepted(token)  # evidence for a later 401: this token was good (state.py)
+                if upstream.status == 101:  # only ever the answer to an upgrade (the pool refuses it otherwise)
+                    return await self._tunnel(request, upstream, request_id, accept, progress)
+                complete = upstream.complete  # a small answer, whole already: no relay coroutine, one write
+                relayed = self._response(request, upstream, request_id, allowed_origin, progress, complete)
+                if complete:
+                    return relayed
+                return await self._relay(request, upstream, relayed, request_id, progress)
+            finally:
+                upstream.release()
         except SidecarError as exc:
-            headers = {REQUEST_ID_HEADER: request_id}
-            retry_after = getattr(exc, "retry_after", None)
-            if exc.status == 503 and retry_after is not None:
-                headers["Retry-After"] = str(max(1, round(retry_after)))
-            self._metrics.count_request(method, exc.status, "proxy")
-            if exc.status >= 500:
-                event(
-                    "request.failed",
-                    level=logging.WARNING,
-                    method=method,
-                    path=_logged_path(request),
-                    status=exc.status,
-                    error=exc.code,
-                    detail=exc.detail,
-                    request_id=request_id,
-                )
-            response = error_response(exc, headers)
-            progress.status = exc.status
-            progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
-            if isinstance(exc, RequestTimeout) and request.transport is not None:
-                # Answer, then end our side at once, so the client reads the answer and its end; aiohttp then
-                # drains what is still arriving for at most its lingering time and closes. (Closing outright
-                # with unread bytes queued would make the kernel send a reset that can destroy the answer.)
-                await response.prepare(request)
-                await response.write_eof()
-                if request.transport.can_write_eof():
-                    request.transport.write_eof()
-            return response
+            return await self._refused(request, exc, method, request_id, progress)
         except asyncio.CancelledError:
             progress.outcome = progress.outcome or "client_gone"  # the client hung up: aiohttp cancelled us
             raise
         finally:
             under_way.discard(task)
-            self._metrics.in_flight_count -= 1
+            metrics.in_flight_count -= 1
             if self._access_log and access_log.isEnabledFor(logging.INFO):
                 log_request(
                     method,
@@ -234,76 +262,76 @@ class Forwarder:
                     progress.outcome,
                 )
 
-    async def _forward(
-        self, request: web.BaseRequest, method: str, request_id: str, progress: Progress
-    ) -> web.StreamResponse:
-        allowed_origin = self._guard.check_listener(request)
-        if allowed_origin is not None and method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            preflight = self._guard.preflight(request, allowed_origin)
-            progress.status = preflight.status
-            return preflight
-        target = self._target(request)
-        self._guard.check_api_key(request)
-        self._guard.check_forward(method, target.partition("?")[0])
-        upgrade = websocket.requested(request)  # a WebSocket handshake, admitted like any request
-
-        # The body's framing is decided here, once, from aiohttp's parse of the request, and handed to the
-        # pool with the head it goes with; nothing downstream reads it back out of bytes.
-        try:
-            framing = request_framing(
-                method,
-                has_body=request.body_exists,
-                content_length=request.content_length,
-                transfer_encoding=request.headers.get("Transfer-Encoding"),
+    async def _refused(
+        self, request: web.BaseRequest, exc: SidecarError, method: str, request_id: str, progress: Progress
+    ) -> web.Response:
+        """The proxy's own JSON answer to a request it did not (or could not) forward."""
+        headers = {REQUEST_ID_HEADER: request_id}
+        retry_after = getattr(exc, "retry_after", None)
+        if exc.status == 503 and retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(retry_after)))
+        self._metrics.count_request(method, exc.status, "proxy")
+        if exc.status >= 500:
+            event(
+                "request.failed",
+                level=logging.WARNING,
+                method=method,
+                path=_logged_path(request),
+                status=exc.status,
+                error=exc.code,
+                detail=exc.detail,
+                request_id=request_id,
             )
-        except WireError as exc:
-            raise BadRequest(str(exc)) from None
-        body: bytes | PacedBody | None = None
-        replayable = True
-        accept = ""
-        if upgrade:
-            if framing.has_body:
-                raise BadRequest("a WebSocket handshake has no body")
-            accept = websocket.expected_accept(request)
-        if framing.has_body:
-            paced = PacedBody(request.content, self._body_window, self._min_body_rate)
-            if framing.body is Body.LENGTH and framing.length <= self._replay_limit:
-                body = await paced.read()
-                if len(body) != framing.length:  # aiohttp's parser delimits it: a second lock on the door
-                    raise BadRequest("the request body does not match its Content-Length")
-            else:
-                body, replayable = paced, False
-        connection = request.headers.getall("Connection", [])
-        head = self._request_head(method, target, request.raw_headers, request_id, connection) + framing.header()
-        if upgrade:
-            head += websocket.UPGRADE_LINES
-        # Only now, once the body is read: a slow client must not make the proxy send a token that expired meanwhile.
-        if self._tokens.usable() is None:  # no coroutine while it is fresh
-            await self._tokens.get()  # the renewal in flight, or NoToken (503) at once
+        response = error_response(exc, headers)
+        progress.status = exc.status
+        progress.size = len(response.body) if isinstance(response.body, bytes) else 0  # for the access log
+        if isinstance(exc, RequestTimeout) and request.transport is not None:
+            # Answer, then end our side at once, so the client reads the answer and its end; aiohttp then
+            # drains what is still arriving for at most its lingering time and closes. (Closing outright
+            # with unread bytes queued would make the kernel send a reset that can destroy the answer.)
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport.can_write_eof():
+                request.transport.write_eof()
+        return response
 
-        upstream, token = await self._send(method, head, body, framing, upgrade)
-        try:  # from here on, whatever happens (a client hanging up mid-renewal), the connection goes back
-            if upstream.status == 401 and replayable:
-                for _ in range(MAX_AUTH_RETRIES):
-                    renewed = await self._tokens.renew_rejected(token)
-                    if renewed is None:
-                        break
-                    upstream.release()
-                    self._metrics.auth_retries.inc()
-                    upstream, token = await self._send(method, head, body, framing, upgrade)
-                    if upstream.status != 401:
-                        break
-            if upstream.status != 401:
-                self._tokens.accepted(token)  # evidence for a later 401: this token was good (state.py)
-            if upstream.status == 101:  # only ever the answer to an upgrade (the pool refuses it otherwise)
-                return await self._tunnel(request, upstream, request_id, accept, progress)
-            complete = upstream.complete  # a small answer, whole already: no relay coroutine, one write
-            relayed = self._response(request, upstream, request_id, allowed_origin, progress, complete)
-            if complete:
-                return relayed
-            return await self._relay(request, upstream, relayed, request_id, progress)
-        finally:
+    async def _body(self, request: web.BaseRequest, framing: Framing) -> tuple[bytes | PacedBody, bool]:
+        """The request's body to send, and whether it can be sent again (a 401 retry): a small one with a
+        Content-Length is read whole first; anything else streams."""
+        paced = PacedBody(request.content, self._body_window, self._min_body_rate)
+        if framing.body is Body.LENGTH and framing.length <= self._replay_limit:
+            body = await paced.read()
+            if len(body) != framing.length:  # aiohttp's parser delimits it: a second lock on the door
+                raise BadRequest("the request body does not match its Content-Length")
+            return body, True
+        return paced, False
+
+    async def _retry_rejected(
+        self,
+        method: str,
+        head: bytes,
+        body: bytes | PacedBody | None,
+        framing: Framing,
+        upgrade: bool,
+        upstream: Exchange,
+        token: Token,
+    ) -> tuple[Exchange, Token]:
+        """The upstream answered 401 to ``token``: renew it (once for every request that saw it) and send
+        again, at most MAX_AUTH_RETRIES times. The answer to relay, and the token it answered."""
+        for _ in range(MAX_AUTH_RETRIES):
+            renewed = await self._tokens.renew_rejected(token)
+            if renewed is None:
+                break
             upstream.release()
+            self._metrics.auth_retries.inc()
+            sent: list[Token] = []
+            sent_at = time.monotonic()
+            upstream = await self._pool.request(method, head, body, self._last(sent), framing=framing, upgrade=upgrade)
+            self._metrics.observe_upstream(time.monotonic() - sent_at)
+            token = sent[-1]
+            if upstream.status != 401:
+                break
+        return upstream, token
 
     def _target(self, request: web.BaseRequest) -> str:
         """The raw path and query to append to the upstream URL, exactly as the client sent them."""
@@ -340,11 +368,9 @@ class Forwarder:
         parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")  # the id we log, exactly
         return b"".join(parts)
 
-    async def _send(
-        self, method: str, head: bytes, body: bytes | PacedBody | None, framing: Framing, upgrade: bool = False
-    ) -> tuple[Exchange, Token]:
-        """The upstream's answer, and the token it was sent with."""
-        sent: list[Token] = []
+    def _last(self, sent: list[Token]) -> Callable[[], bytes]:
+        """The end of the request head, for the pool to call once a connection is ready; the token it puts
+        there is appended to ``sent``."""
 
         def last() -> bytes:
             # The token goes last, so nothing the client sent can override it; and late, once a connection is
@@ -355,10 +381,7 @@ class Forwarder:
             sent.append(token)
             return b"%s%s: %s\r\n\r\n" % (self._static, self._inject, token.header_bytes)
 
-        started = time.monotonic()
-        exchange = await self._pool.request(method, head, body, last, framing=framing, upgrade=upgrade)
-        self._metrics.observe_upstream(time.monotonic() - started)
-        return exchange, sent[-1]
+        return last
 
     def _response_lines(
         self, upstream: Exchange, drop: frozenset[bytes], request_id: str, cors: bool, reason: bytes
@@ -498,6 +521,20 @@ class Forwarder:
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     """The header names listed in Connection header values (RFC 9110 §7.6.1), lower case."""
     return {name.strip().lower() for value in values for name in value.split(b",")}
+
+
+def _framing(request: web.BaseRequest, method: str) -> Framing:
+    """The request body's framing, decided here, once, from aiohttp's parse of the request, and handed to
+    the pool with the head it goes with; nothing downstream reads it back out of bytes."""
+    try:
+        return request_framing(
+            method,
+            has_body=request.body_exists,
+            content_length=request.content_length,
+            transfer_encoding=request.headers.get("Transfer-Encoding"),
+        )
+    except WireError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _logged_path(request: web.BaseRequest) -> str:
