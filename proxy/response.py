@@ -13,20 +13,32 @@ read:
   which cannot read chunked, ``Connection: close`` and the body delimited by closing;
 - no body (HEAD, 204, 304): none is ever written, whatever the upstream sent.
 
-This is the one module that overrides aiohttp's response internals (``_prepare_headers``,
-``_write_headers``, ``_req``, ``_payload_writer``, ``_must_be_empty_body``);
-tests/test_response.py fails by name when an aiohttp release changes them.
+A whole answer (the common case: a small JSON body that arrived with its head) is prepared in one step:
+aiohttp's ``prepare`` passes through four coroutines to get to the one write.
+
+This is the one module that overrides aiohttp's response internals (:data:`AIOHTTP_INTERNALS`, and
+``BaseRequest._prepare_hook``); tests/test_wire.py fails by name when an aiohttp release changes them.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import must_be_empty_body
 from aiohttp.http_writer import HttpVersion11
 
 from .wire import Body, Framing
 
-# The StreamResponse attributes and methods this module relies on (checked by tests/test_response.py).
-AIOHTTP_INTERNALS = ("_prepare_headers", "_write_headers", "_req", "_payload_writer", "_must_be_empty_body")
+# The StreamResponse and BaseRequest attributes and methods this module relies on (checked by tests/test_wire.py).
+AIOHTTP_INTERNALS = (
+    "_prepare_headers",
+    "_write_headers",
+    "_req",
+    "_payload_writer",
+    "_must_be_empty_body",
+    "_eof_sent",
+)
+AIOHTTP_REQUEST_INTERNALS = ("_prepare_hook", "_payload_writer")
 
 
 class RelayResponse(web.StreamResponse):
@@ -42,9 +54,26 @@ class RelayResponse(web.StreamResponse):
         self._head = b""
         self._chunk = False  # decided in _prepare_headers: re-chunk the body for this client
 
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._whole is None or self._eof_sent or self._payload_writer is not None:
+            return await super().prepare(request)
+        # What StreamResponse.prepare and _start do, with the head made and written here, with the body.
+        self._must_be_empty_body = must_be_empty_body(request.method, self.status)
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        self._make_head(request)
+        if type(request) is not web.BaseRequest:  # an Application's request: its on_response_prepare signals
+            await request._prepare_hook(self)
+        await writer.write(self._head if self._must_be_empty_body else self._head + self._whole)
+        writer.length = 0
+        return writer
+
     async def _prepare_headers(self) -> None:
         request = self._req
         assert request is not None
+        self._make_head(request)
+
+    def _make_head(self, request: web.BaseRequest) -> None:
         client_11 = request.version >= HttpVersion11
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         parts = [_status_line(self.status, self._raw_reason), self._lines]
@@ -68,13 +97,9 @@ class RelayResponse(web.StreamResponse):
         self._keep_alive = keep_alive
         self._head = b"".join(parts)
 
-    async def _write_headers(self) -> None:
+    async def _write_headers(self) -> None:  # a streamed body's head (a whole answer's is written by prepare)
         writer = self._payload_writer
         assert writer is not None
-        if self._whole is not None and not self._must_be_empty_body:
-            await writer.write(self._head + self._whole)
-            writer.length = 0
-            return
         await writer.write(self._head)
         # From here on, aiohttp's writer frames what the relay writes: never past the length, never a
         # byte for a response that has no body, chunk-encoded where the head said so.

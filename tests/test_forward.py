@@ -25,10 +25,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from proxy.app import FORWARDER, TOKENS
+from proxy.app import FORWARDER, TOKENS, make_app
 from proxy.demo import Fault
 from proxy.upstream import Pool
-from tests.fakes.servers import QUICK_LOGINS, keycloak_config, start_api, start_app, start_idp, start_proxy
+from tests.fakes.servers import (
+    FAST_BACKOFF,
+    QUICK_LOGINS,
+    keycloak_config,
+    start_api,
+    start_app,
+    start_idp,
+    start_proxy,
+)
 from tests.faults.conftest import wait_for
 
 
@@ -919,3 +927,22 @@ async def test_request_queued_past_its_token_without_a_renewal_gets_503(aiohttp_
     assert (await client.get("/v1/hello")).status == 200
     pool = _pool(client)
     assert pool.open_connections == pool.idle_connections == 1
+
+
+async def test_an_applications_response_hooks_see_relayed_answers(aiohttp_server, aiohttp_client):
+    """Served as an Application, on_response_prepare runs for a whole answer and for a streamed one alike."""
+    idp = await start_idp(aiohttp_server)
+    _api, api_url = await start_api(aiohttp_server, idp)
+    app = make_app(keycloak_config(idp, api_url), **FAST_BACKOFF)
+    seen: list[int] = []
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(response.status)
+
+    app.on_response_prepare.append(hook)
+    client = await aiohttp_client(app)
+    hello = await client.get("/v1/hello")
+    assert hello.status == 200 and (await hello.json())
+    report = await client.get("/v1/report", params={"rows": "20000"})
+    assert report.status == 200 and len(await report.read()) > 100_000
+    assert seen == [200, 200]

@@ -6,11 +6,12 @@ import asyncio
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import UpstreamUnreachable
-from proxy.response import AIOHTTP_INTERNALS
+from proxy.response import AIOHTTP_INTERNALS, AIOHTTP_REQUEST_INTERNALS
 from proxy.upstream import Pool
 from proxy.wire import (
     CHUNKED,
@@ -249,3 +250,6 @@ def test_aiohttp_still_has_what_relay_response_overrides():
         name for name in AIOHTTP_INTERNALS if not hasattr(response, name) and not hasattr(web.StreamResponse, name)
     ]
     assert missing == [], f"aiohttp's StreamResponse no longer has {missing}: proxy/response.py must be updated"
+    request = make_mocked_request("GET", "/")
+    missing = [name for name in AIOHTTP_REQUEST_INTERNALS if not hasattr(request, name)]
+    assert missing == [], f"aiohttp's BaseRequest no longer has {missing}: proxy/response.py must be updated"
