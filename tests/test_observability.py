@@ -12,9 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.observability
@@ -396,6 +399,95 @@ def test_the_fast_access_line_is_the_line_the_record_would_give(fmt, monkeypatch
     output = buffer.getvalue()
     assert "s3cr3t-key-value" not in output and FAKE_JWT not in output and "abcdefghijkl" not in output
     assert "dXNlcjpwYXNzd29yZA" not in output and "0123456789abc" not in output
+
+
+# What a client controls in an access line, drawn from what makes lines differ: the secrets and words of
+# LINE_SECRETS, a JWT, scheme words, spaces, quotes, control and non-ASCII characters, the empty string.
+_CLIENT_TEXT = st.lists(
+    st.sampled_from(
+        ["/v1", "/", "a", " ", '"', "\n", "\t", "\u017f", "\u00fc", "%", "eyJ", FAKE_JWT, "Bearer ", "basic "]
+    )
+    | st.sampled_from(LINE_SECRETS),
+    max_size=4,
+).map("".join)
+_ACCESS_FIELDS = st.tuples(
+    st.sampled_from(["GET", "POST", "HEAD", "PROPFIND"]) | _CLIENT_TEXT,
+    _CLIENT_TEXT,
+    st.sampled_from([0, 200, 404, 502]),
+    st.integers(0, 10**9),
+    st.floats(0, 1e5, allow_nan=False),
+    st.sampled_from(["f2096140bf1ac7152ee9000000000001", "req-42"]) | _CLIENT_TEXT,
+    st.sampled_from(["", "client_gone", "upstream_cut"]),
+)
+
+
+# Lines with nothing to mask or quote: batches of these alone are formatted without a look at each field.
+_PLAIN_FIELDS = st.tuples(
+    st.sampled_from(["GET", "POST", "PROPFIND"]),
+    st.sampled_from(["/v1/hello", "/", "/a%20b;p=1", "/x/eyj"]),
+    st.sampled_from([0, 200, 404, 502]),
+    st.integers(0, 10**9),
+    st.floats(0, 1e5, allow_nan=False),
+    st.sampled_from(["f2096140bf1ac7152ee9000000000001", "req-42"]),
+    st.sampled_from(["", "client_gone", "upstream_cut"]),
+)
+
+
+def _batch_and_records(fmt: str, batch: list[tuple[Any, ...]]) -> tuple[str, str]:
+    """The lines ``batch`` gives as one batch of the access writer, and the lines of its records."""
+    with mock.patch.object(proxy.observability.time, "time", lambda: 1795436166.1755):
+        fast, records = io.StringIO(), io.StringIO()
+        setup_logging("info", fmt, LINE_SECRETS, stream=fast)
+        for fields in batch:
+            log_request(*fields)
+        flush_access_log()
+        setup_logging("info", fmt, LINE_SECRETS, stream=records)
+        for method, path, status, size, seconds, request_id, outcome in batch:
+            extra = {"method": method, "path": path, "status": status, "bytes": size}
+            extra |= {"duration_ms": round(seconds * 1000, 2), "request_id": request_id}
+            if outcome:
+                extra["outcome"] = outcome
+            access_log.info("request", extra={"fields": extra})
+    return fast.getvalue(), records.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.lists(_PLAIN_FIELDS, min_size=1, max_size=6)
+    | st.lists(_ACCESS_FIELDS | _PLAIN_FIELDS, min_size=1, max_size=6)
+)
+def test_a_batch_of_access_lines_is_the_lines_their_records_would_give(fmt, batch):
+    """Lines written as one batch (one check of what the clients sent, then the lines formatted at once,
+    or each line redacted and quoted by itself) are the lines their records give through the handler."""
+    fast, records = _batch_and_records(fmt, batch)
+    assert fast == records
+    assert fast.count("\n") == len(batch)
+
+
+PLAIN_LINE = ("GET", "/v1/hello", 200, 57, 0.00123, "f2096140bf1ac7152ee9000000000001", "")
+HOSTILE_VALUES = [
+    FAKE_JWT,
+    "basic abcdefghijkl",
+    "Bearer abcdefghijkl",
+    "s3cr3t-key-value",
+    "a b",
+    "\t",
+    "",
+    "\u00fc",
+    "ba\u017fic abcdefghijkl",
+]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("field", [0, 1, 5], ids=["method", "path", "request_id"])
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_one_value_to_mask_or_quote_is_masked_or_quoted_in_a_batch_of_plain_lines(fmt, field, value):
+    """A single value to mask or quote anywhere in a batch is masked or quoted as its record would be."""
+    hostile = list(PLAIN_LINE)
+    hostile[field] = value
+    fast, records = _batch_and_records(fmt, [PLAIN_LINE, tuple(hostile), PLAIN_LINE])
+    assert fast == records
 
 
 def test_the_access_line_is_a_record_when_someone_else_listens(caplog):
