@@ -186,7 +186,7 @@ class Forwarder:
         method = request.method
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _usable_request_id(request_id):
-            request_id = f"{self._id_prefix}{next(self._ids):012x}"
+            request_id = "%s%012x" % (self._id_prefix, next(self._ids))  # noqa: UP031 (no format spec to parse)
         progress = Progress()
         metrics = self._metrics
         metrics.in_flight_count += 1
@@ -388,35 +388,37 @@ class Forwarder:
     ) -> bytes:
         """The upstream's end-to-end header lines for the client, and X-Request-Id when it sent none.
         ``reason``: the upstream's reason phrase as bytes, checked here with the lines."""
-        connection: list[bytes] = []
-        kept = []
+        # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1), in one pass; a
+        # second one only when Connection names an end-to-end header, or for CORS (ours replaces theirs).
+        lines: list[bytes] = []
+        named: set[bytes] = set()
+        has_id = False
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
                 if lowered == b"connection":
-                    connection.append(value)
+                    named |= _named_in_connection((value,))
                 continue
-            kept.append((lowered, name, value))
-        named = _named_in_connection(connection) if connection else set()
+            lines += (name, b": ", value, b"\r\n")
+            has_id = has_id or lowered == b"x-request-id"
         if cors:
-            named.add(b"access-control-allow-origin")  # ours replaces the upstream's
-        # The upstream's header lines, byte for byte (a latin-1 filename stays latin-1). llhttp has refused
-        # CR, LF and NUL inside them and inside the reason; the scan below is the second lock on that door,
-        # since one stray LF here would let the upstream write a second response head to the client.
-        lines: list[bytes] = []
-        has_id = False
-        for lowered, name, value in kept:
-            if lowered not in named:
-                lines += (name, b": ", value, b"\r\n")
-                has_id = has_id or lowered == b"x-request-id"
+            named.add(b"access-control-allow-origin")
+        if named and not named <= drop:
+            lines = [
+                part for i in range(0, len(lines), 4) if lines[i].lower() not in named for part in lines[i : i + 4]
+            ]
+            has_id = any(lines[i].lower() == b"x-request-id" for i in range(0, len(lines), 4))
         raw = b"".join(lines)
         count = len(lines) // 4
+        # llhttp has refused CR, LF and NUL inside them and inside the reason; this is the second lock on that
+        # door, since one stray LF here would let the upstream write a second response head to the client.
+        # (find, not "in": bytes.__contains__ first tries its argument as an int, raising a TypeError.)
         if (
             raw.count(b"\n") != count
             or raw.count(b"\r") != count
-            or b"\x00" in raw
-            or b"\n" in reason
-            or b"\r" in reason
+            or raw.find(b"\x00") != -1
+            or reason.find(b"\n") != -1
+            or reason.find(b"\r") != -1
         ):
             raise UpstreamUnreachable("the upstream sent a response head the proxy will not relay (control bytes)")
         if not has_id:

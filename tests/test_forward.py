@@ -200,14 +200,16 @@ async def test_no_accept_encoding_is_added(aiohttp_server, aiohttp_client):
 
 
 async def test_hop_by_hop_response_headers_dropped(aiohttp_server, aiohttp_client):
-    """Headers named in the upstream's Connection header, and hop-by-hop ones, stop at the proxy."""
+    """Headers named in the upstream's Connection header, and hop-by-hop ones, stop at the proxy (an
+    X-Request-Id named there too: the client gets the proxy's)."""
     idp = await start_idp(aiohttp_server)
 
     async def hop(request):
         return web.Response(
             text="ok",
             headers={
-                "Connection": "X-Private",
+                "Connection": "X-Private, X-Request-Id",
+                "X-Request-Id": "the-upstreams-own",
                 "X-Private": "secret-ish",
                 "X-Public": "yes",
                 "Proxy-Authenticate": "Basic",
@@ -222,6 +224,7 @@ async def test_hop_by_hop_response_headers_dropped(aiohttp_server, aiohttp_clien
     assert resp.headers["Set-Cookie"] == "s=1"
     assert "X-Private" not in resp.headers
     assert "Proxy-Authenticate" not in resp.headers
+    assert resp.headers.getall("X-Request-Id") == [resp.headers["X-Request-Id"]] != ["the-upstreams-own"]
 
 
 async def test_upstream_cookies_are_not_replayed(aiohttp_server, aiohttp_client):
