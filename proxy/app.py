@@ -165,7 +165,12 @@ class Dispatch:
         # Not a coroutine itself: the forwarder's is the request's, with no frame of ours around it.
         if "Expect" in request.headers:
             return self._expecting(request)
-        return self._route(request)
+        raw = request.raw_path
+        if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:  # maybe a reserved route
+            return self._route(request)
+        forwarder = self._forwarder
+        assert forwarder is not None, "Dispatch.bind(app) comes first"
+        return forwarder.handle(request)
 
     def _route(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         forwarder, app = self._forwarder, self._app

@@ -228,8 +228,7 @@ def log_request(
     by the :class:`AccessWriter` when the logging is still as :func:`setup_logging` left it; else logged
     as a record, for whatever handlers (pytest's capture) are in place."""
     writer = _access_writer
-    if writer is not None and writer.owns_output():
-        writer.write(method, path, status, size, seconds, request_id, outcome)
+    if writer is not None and writer.write(method, path, status, size, seconds, request_id, outcome):
         return
     fields: dict[str, Any] = {
         "method": method,
@@ -277,24 +276,26 @@ class AccessWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def owns_output(self) -> bool:
-        """Whether our records would reach this handler alone: nobody added a handler since."""
-        handlers = log.handlers
-        return len(handlers) == 1 and handlers[0] is self.handler and not access_log.handlers and access_log.propagate
-
     def write(
         self, method: str, path: str, status: int, size: int, seconds: float, request_id: str, outcome: str
-    ) -> None:
-        """Queue one line (the event loop's thread: no formatting, no I/O)."""
+    ) -> bool:
+        """Queue one line (the event loop's thread: no formatting, no I/O); False, and nothing queued,
+        when our records would no longer reach this writer's handler alone (someone added a handler)."""
+        handlers = log.handlers
+        if not (
+            len(handlers) == 1 and handlers[0] is self.handler and not access_log.handlers and access_log.propagate
+        ):
+            return False
         pending = self._pending
         if len(pending) >= self._max_pending:
             self.dropped += 1
-            return
+            return True
         # One extend is one step under the GIL: the writing thread never sees half a line's fields.
         pending.extend((time.time(), method, path, status, size, seconds, request_id, outcome))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="oauth-sidecar-access-log", daemon=True)
             self._thread.start()
+        return True
 
     def _lines(self, fields: list[Any]) -> str:
         """The lines of a batch of queued fields. When nothing a client sent anywhere in the batch needs
@@ -324,10 +325,10 @@ class AccessWriter:
             )
         head = "%sZ info " + self._event.replace("%", "%%") + " method=%s path=%s status=%d bytes=%d duration_ms=%r"
         head += " request_id=%s"
-        stamp = self._stamp_of
+        stamps = {second: self._stamp_of(second) for second in {int(now) for now in fields[0::n]}}
         return "".join(
             [
-                head % (stamp(now), m, p, st, b, round(s * 1000, 2), i) + (f" outcome={o}\n" if o else "\n")
+                head % (stamps[int(now)], m, p, st, b, round(s * 1000, 2), i) + (f" outcome={o}\n" if o else "\n")
                 for now, m, p, st, b, s, i, o in rows
             ]
         )
