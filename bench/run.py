@@ -17,6 +17,11 @@ With ``--workers N``, two more sidecars, neither pinned: ``sidecar_unpinned`` (o
 ``sidecar_workers`` (``listen.workers = N``), so the ratio of the two is what N workers give over one
 under the same conditions (sharing every core with the upstream and the load generator).
 
+CPU per request (the target's CPU time from /proc over the requests it answered) of the proxies the CPU
+goals compare is measured in turns after the rounds: ``--cpu-slices`` runs of one second at c=64 each,
+taking turns, total CPU over total requests (see cpu_per_request); the rounds' medians stay in the JSON
+(``c64_cpu_us_rounds_median``).
+
 Load comes from wrk when installed (``wrk -t1 -cN -dDs --latency``), else from bench/loadgen.py.
 It prints one table (req/s and p50/p99 at c=1 and c=64, streaming MB/s, RSS growth with 8 parallel
 100 MiB downloads, p99 while the token is refreshed every 2 s) and the ratios sidecar/nginx and
@@ -56,6 +61,10 @@ STEADY_LIFETIME_S = 3600.0
 PARALLEL_DOWNLOADS = 8
 STREAMED = ("direct", "nginx", "sidecar")  # the reference proxies buffer whole bodies: small ones only
 SAME_CORE = ("nginx", "sidecar", "minimal_proxy")  # c=1 also measured with the proxy on the client's core
+# CPU per request of these is measured in turns (cpu_per_request): the ratios the CPU goals are about.
+CPU_COMPARED = ("nginx", "sidecar", "sidecar_quiet", "sidecar_baseline", "minimal_proxy", "lowlevel_proxy")
+CPU_SLICE_S = 1.0
+CPU_SLICES = 15
 READY_TIMEOUT_S = 20.0
 
 
@@ -65,7 +74,7 @@ class Load:
     p50_us: float
     p99_us: float
     errors: int = 0
-    cpu_us: float | None = None  # the target process's CPU time (user + system) per request, from /proc
+    cpu_us: float | None = None  # the target process's CPU time (all threads) per request, from /proc
 
 
 @dataclass
@@ -251,7 +260,9 @@ _UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and of its live children (nginx's worker, taskset's child), from /proc."""
+    """utime + stime of a process (every thread it ran, ended ones too) and of its live children (nginx's
+    worker, taskset's child), from /proc. Clock ticks are 10 ms, so a 1 s turn is measured to about 1 %;
+    summed over the turns of cpu_per_request, to well under that."""
     total = 0
     for p in [str(pid), *_children(pid)]:
         with contextlib.suppress(OSError):
@@ -447,6 +458,23 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cpu_per_request(targets: list[Target], slices: int, slice_s: float) -> dict[str, float]:
+    """CPU µs per request at c=64 of each target, the targets taking turns in ``slices`` short runs each:
+    the sum of CPU time over the sum of requests. The ratios of these are what the CPU goals are about;
+    a shared machine's speed drifts by tens of per cent over seconds, and turns this short make every
+    target see the same drift (runs of several seconds, one target after the other, did not)."""
+    cpu = dict.fromkeys((t.name for t in targets), 0.0)
+    done = dict.fromkeys((t.name for t in targets), 0.0)
+    for _ in range(slices):
+        for t in targets:
+            assert t.pid is not None
+            before = cpu_seconds(t.pid)
+            result = _load(t.port, "/small", 64, slice_s)
+            cpu[t.name] += cpu_seconds(t.pid) - before
+            done[t.name] += result.rps * slice_s
+    return {name: cpu[name] / done[name] * 1e6 for name in cpu if done[name] > 0}
+
+
 def median_load(runs: list[Load]) -> Load:
     cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
     return Load(
@@ -483,11 +511,18 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                     with pinned_to(t.pid, 1):
                         same_core[t.name].append(load(t.port, "/small", 1, d).p50_us)
             print(f"  round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+        # CPU per request of the proxies the CPU goals compare, from their turns (cpu_per_request).
+        compared = [t for name, t in targets.items() if name in CPU_COMPARED and t.pid is not None]
+        turns = cpu_per_request(compared, args.cpu_slices, CPU_SLICE_S)
+        print("  CPU turns done", file=sys.stderr)
         after = token_counters(refreshing.port)
         refreshing.extra["refreshes_during_run"] = after["refreshes"] - before["refreshes"]
         refreshing.extra["logins_during_run"] = after["logins"] - before["logins"]
         for t in targets.values():
             t.c1, t.c64 = median_load(c1[t.name]), median_load(c64[t.name])
+            if t.name in turns:
+                t.extra["c64_cpu_us_rounds_median"] = round(t.c64.cpu_us or 0.0, 1)
+                t.c64.cpu_us = turns[t.name]
             if streams[t.name]:
                 t.stream_mb_s = statistics.median(streams[t.name])
             if same_core[t.name]:
@@ -505,6 +540,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             "load_generator": "wrk" if shutil.which("wrk") else "bench/loadgen.py",
             "duration_s": d,
             "rounds": args.rounds,
+            "cpu_slices": args.cpu_slices,
             "targets": {name: asdict(t) for name, t in targets.items()},
         }
 
@@ -563,7 +599,8 @@ TARGETS = {  # what each ratio must reach (the performance goals in README "Perf
 def report(results: dict[str, object], r: dict[str, float]) -> str:
     lines = [
         f"upstream: {results['upstream']}, load: {results['load_generator']}, {results['duration_s']}s per run, "
-        f"median of {results['rounds']} interleaved rounds",
+        f"median of {results['rounds']} interleaved rounds; c=64 CPU/req of {', '.join(CPU_COMPARED)}: "
+        f"{results.get('cpu_slices', '?')} turns of {CPU_SLICE_S:g} s each, total CPU over total requests",
         "",
         "| target | c=1 req/s | c=1 p50 | c=1 p99 | c=64 req/s | c=64 p50 | c=64 p99 | c=64 CPU/req | 100 MiB stream |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -600,6 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians (default 3)")
+    parser.add_argument(
+        "--cpu-slices",
+        type=int,
+        default=CPU_SLICES,
+        metavar="K",
+        help=f"turns of {CPU_SLICE_S:g} s each at c=64 for the CPU per request of {', '.join(CPU_COMPARED)} "
+        f"(default {CPU_SLICES})",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
@@ -617,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.rounds = 2.0, 1
+        args.duration, args.rounds, args.cpu_slices = 2.0, 1, 2
     results = measure(args)
     r = ratios(results)
     results["ratios"] = r

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import threading
+import time
 
 from aiohttp import ClientSession, web
 
@@ -93,3 +96,22 @@ def test_a_target_that_answered_errors_is_flagged():
     results = _results(sidecar_c64_rps=16_000, errors=7)
     table = run.report(copy.deepcopy(results), run.ratios(results))
     assert "WARNING: sidecar answered 7 requests with an error or none; its figures are void" in table
+
+
+def test_cpu_seconds_counts_every_thread_of_a_process():
+    """A thread's CPU time is the process's too, once the thread has ended as well (the access log's writer
+    is a thread of the sidecar)."""
+    before = run.cpu_seconds(os.getpid())
+    spent = []
+
+    def spin() -> None:
+        started = time.thread_time()
+        for _ in range(50_000_000):  # bounded: stops at 100 ms of this thread's CPU, whichever comes first
+            if time.thread_time() - started >= 0.1:
+                break
+        spent.append(time.thread_time() - started)
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join(10)
+    assert spent and run.cpu_seconds(os.getpid()) - before >= spent[0] - 0.02  # clock ticks are 10 ms
