@@ -105,7 +105,8 @@ async def test_kill_9_of_the_lease_holder_while_its_login_hangs(aiohttp_server, 
             ready_after = loop.time() - killed_at
             async with session.get(other_url + "/api/whoami") as resp:
                 assert resp.status == 200
-        assert ready_after < lease_s + 1.5, ready_after
+        # Well before the hung login's 20 s timeout; the margin allows for a loaded 2-core CI machine (5.0 s seen).
+        assert ready_after < lease_s + 4.0, ready_after
         assert idp.token_requests == 2  # the hung one and the one after the lease expired
         for sidecar, _ in fleet:
             await sidecar.kill()
