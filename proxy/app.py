@@ -165,18 +165,13 @@ class Dispatch:
         # Not a coroutine itself: the forwarder's is the request's, with no frame of ours around it.
         if "Expect" in request.headers:
             return self._expecting(request)
-        raw = request.raw_path
-        if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:  # maybe a reserved route
-            return self._route(request)
-        forwarder = self._forwarder
-        assert forwarder is not None, "Dispatch.bind(app) comes first"
-        return forwarder.handle(request)
+        return self._route(request)
 
     def _route(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         forwarder, app = self._forwarder, self._app
         assert forwarder is not None and app is not None, "Dispatch.bind(app) comes first"
         raw = request.raw_path
-        if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:
+        if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:  # maybe a reserved route
             route = RESERVED.get(request.rel_url.path_safe)
             if route is not None:
                 return _answered(_reserved(app, request, *route))
