@@ -31,7 +31,7 @@ from .access import Guard
 from .config import Config
 from .errors import BadRequest, NoToken, RequestTimeout, SidecarError, UpstreamUnreachable
 from .observability import Metrics, access_log, event, log_request
-from .response import RelayResponse
+from .response import DirectWriter, RelayResponse
 from .state import Token
 from .tokens import TokenManager
 from .upstream import BodyInterrupted, Exchange, Pool
@@ -473,6 +473,23 @@ class Forwarder:
         self._metrics.bytes_out_total += len(body)
         return RelayResponse(status, reason, raw, framing, whole=body)
 
+    def _counted(self, direct: DirectWriter, progress: Progress) -> DirectWriter:
+        """A direct writer (RelayResponse.direct_writer) that counts what it writes, and whose wait for a
+        client to drain is bounded by upstream.timeout_s (a client that stops reading: no byte moving)."""
+        write, drain = direct
+        metrics, stall_s = self._metrics, self._stall_s
+
+        def counted(data: bytes) -> bool:
+            progress.size += len(data)
+            metrics.bytes_out_total += len(data)
+            return write(data)
+
+        async def drained() -> None:
+            async with asyncio.timeout(stall_s):
+                await drain()
+
+        return counted, drained
+
     async def _relay(
         self,
         request: web.BaseRequest,
@@ -485,12 +502,16 @@ class Forwarder:
         status = upstream.status
         await response.prepare(request)
         progress.status = status
+        direct = response.direct_writer()
         try:
-            while chunk := await upstream.read():
-                async with asyncio.timeout(self._stall_s):  # a client that stops reading: no byte moving
-                    await response.write(chunk)
-                progress.size += len(chunk)
-                self._metrics.bytes_out_total += len(chunk)
+            if direct is not None:  # a body of known length: written as it arrives, no copy, no task switch
+                await upstream.pipe(*self._counted(direct, progress))
+            else:
+                while chunk := await upstream.read():
+                    async with asyncio.timeout(self._stall_s):  # a client that stops reading: no byte moving
+                        await response.write(chunk)
+                    progress.size += len(chunk)
+                    self._metrics.bytes_out_total += len(chunk)
         except BodyInterrupted as exc:
             # The upstream failed mid-body: cut the client's connection so a short body is never
             # presented as complete (no terminating chunk, fewer bytes than Content-Length).

@@ -22,6 +22,8 @@ This is the one module that overrides aiohttp's response internals (:data:`AIOHT
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import must_be_empty_body
@@ -39,6 +41,12 @@ AIOHTTP_INTERNALS = (
     "_eof_sent",
 )
 AIOHTTP_REQUEST_INTERNALS = ("_prepare_hook", "_payload_writer")
+# A streamed body written as it arrives (direct_writer): the upstream is read no further while the client's
+# transport holds more than this. As much as the pool buffers for a body read in chunks (upstream.HIGH_WATER),
+# so a client that reads its answers only once it has sent its requests fares the same either way.
+CLIENT_BUFFER = 512 * 1024
+# What direct_writer gives: write(bytes) -> ready for more; drain() waits until the client took enough.
+DirectWriter = tuple[Callable[[bytes], bool], Callable[[], Awaitable[None]]]
 
 
 class RelayResponse(web.StreamResponse):
@@ -67,6 +75,41 @@ class RelayResponse(web.StreamResponse):
         await writer.write(self._head if self._must_be_empty_body else self._head + self._whole)
         writer.length = 0
         return writer
+
+    def direct_writer(self) -> DirectWriter | None:
+        """Once prepared, for a body of known length that goes out as it comes (``Exchange.pipe``): a write
+        straight to the client's transport, and the wait until the transport has drained. The write returns
+        False once the transport holds more than :data:`CLIENT_BUFFER`, or is closing, and never writes
+        past the length the head announced. None where aiohttp's writer frames the body (re-chunked for
+        this client, or no body at all)."""
+        writer = self._payload_writer
+        framed = self._chunk or self._must_be_empty_body or self._framing.body is not Body.LENGTH
+        if writer is None or writer.length is None or framed:
+            return None
+        transport = writer.transport
+        if transport is None or transport.is_closing():
+            return None
+        limit = max(transport.get_write_buffer_limits()[1], CLIENT_BUFFER)
+        left = writer.length
+
+        def write(data: bytes) -> bool:
+            nonlocal left
+            if transport.is_closing():
+                return False
+            if len(data) > left:
+                data = data[:left]
+            left -= len(data)
+            writer.length = left  # aiohttp's writer, should anything write after this, stays within it too
+            writer.output_size += len(data)
+            transport.write(data)
+            return transport.get_write_buffer_size() <= limit
+
+        async def drain() -> None:
+            if transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            await writer.drain()
+
+        return write, drain
 
     async def _prepare_headers(self) -> None:
         request = self._req

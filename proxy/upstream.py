@@ -43,7 +43,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import httptools
@@ -165,6 +165,9 @@ class Connection(asyncio.Protocol):
         self._switching = False
         self.tail = b""
         self._waiter: asyncio.Future[None] | None = None
+        # Exchange.pipe: the body goes to this as it arrives, from the transport's callback; it returns False
+        # when its receiver is full (reading pauses until the pipe has drained it).
+        self.sink: Callable[[bytes], bool] | None = None
         if getattr(self, "_paused_reading", False) and self.transport is not None and not self.closed:
             # The last response was complete but released unread while its buffer held reading off (a 401
             # before its retry, a client gone): the next exchange must hear its own answer.
@@ -373,6 +376,18 @@ class Connection(asyncio.Protocol):
         self._add_body(body)
 
     def _add_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            try:
+                ready = sink(body)
+            except Exception as exc:  # the receiving side failed: this exchange ends, not the transport's callback
+                self._fail(exc)
+                return
+            if not ready and not self._paused_reading and self.transport is not None:
+                self._paused_reading = True
+                self.transport.pause_reading()
+                self._wake()
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self._paused_reading and self.transport is not None:
@@ -449,15 +464,19 @@ class Connection(asyncio.Protocol):
 
     def take(self) -> bytes:
         """Every body byte received so far; resume reading if it was paused."""
+        chunks = self.take_pieces()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def take_pieces(self) -> list[bytes]:
+        """Every body byte received so far, as the pieces it arrived in; resume reading if it was paused."""
         chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         self.buffered = 0
         self.moved_at = self._loop.time()
         if self._paused_reading and self.transport is not None and not self.closed:
             self._paused_reading = False
             self.transport.resume_reading()
-        return data
+        return chunks
 
     def reusable(self) -> bool:
         return not self.closed and self.state.reusable()
@@ -490,7 +509,7 @@ class Exchange:
     async def read(self) -> bytes:
         """The next body bytes; b"" at the end. Raises :class:`BodyInterrupted` on a failure."""
         conn = self._conn
-        while True:
+        while self._timer is not None:  # once released (or detached) the connection is not this exchange's
             if conn.chunks:
                 return conn.take()
             if conn.complete:
@@ -501,6 +520,43 @@ class Exchange:
                     _describe(conn.error or ConnectionResetError("the upstream closed the connection"))
                 )
             await conn.wait()
+        return b""
+
+    async def pipe(self, write: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]) -> None:
+        """Hand the rest of the body to ``write`` as it arrives, from the transport's own callback: no copy
+        to join pieces, no task switch per piece. ``write`` returns False when its receiver wants no more
+        for now: reading pauses until ``drain()`` returns. Returns once the whole body went to ``write``
+        (the response is released); raises :class:`BodyInterrupted` on a failure, and what ``drain``
+        raises (a client gone, a timeout)."""
+        conn = self._conn
+        if self._timer is None:  # released (or detached): the connection is not this exchange's
+            return
+        ready = True
+        for piece in conn.take_pieces():
+            ready = write(piece) and ready
+        conn.sink = write
+        try:
+            if not ready and not conn.complete and conn.transport is not None:
+                conn._paused_reading = True
+                conn.transport.pause_reading()
+            while True:
+                if conn.complete:
+                    self.release()
+                    return
+                if conn.error is not None or conn.state.response is Phase.ERROR:
+                    raise BodyInterrupted(
+                        _describe(conn.error or ConnectionResetError("the upstream closed the connection"))
+                    )
+                if conn._paused_reading:
+                    await drain()
+                    conn.moved_at = conn._loop.time()
+                    if conn._paused_reading and conn.transport is not None and not conn.closed:
+                        conn._paused_reading = False
+                        conn.transport.resume_reading()
+                else:
+                    await conn.wait()
+        finally:
+            conn.sink = None
 
     def discard(self) -> None:
         """Done with this response, unread: its connection is closed."""

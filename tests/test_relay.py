@@ -11,7 +11,10 @@ import contextlib
 import logging
 
 import pytest
+from aiohttp import web
 
+from proxy import wire
+from proxy.response import RelayResponse
 from tests.fakes.raw_upstream import (
     LIMIT,
     READ_S,
@@ -291,3 +294,96 @@ async def test_an_endless_run_of_1xx_responses_is_a_502(aiohttp_server, aiohttp_
     writer.close()
     assert head.startswith(b"HTTP/1.1 502 ") and b"informational" in body
     await upstream.stop()
+
+
+@pytest.mark.parametrize("split", ["with the head", "after the head"])
+async def test_a_body_arriving_in_pieces_reaches_the_client_whole(raw_server, aiohttp_server, aiohttp_client, split):
+    """A Content-Length body whose first bytes come with the head (or right after it) and the rest in
+    later pieces arrives byte for byte, and the connection serves the next request."""
+    body = bytes(range(256)) * 1024  # 256 KiB
+    first = 3000 if split == "with the head" else 0
+
+    async def pieces(reader, writer):
+        for _ in range(2):  # the download, then the request after it
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:first])
+            await writer.drain()
+            for i in range(first, len(body), 50_000):
+                await asyncio.sleep(0.01)  # the relay is under way before each piece
+                writer.write(body[i : i + 50_000])
+                await writer.drain()
+
+    url = await raw_server(pieces)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(2):
+        writer.write(b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, got = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 ") and header_fields(head)[b"content-length"] == b"%d" % len(body)
+        assert got == body
+    writer.close()
+
+
+@pytest.mark.parametrize("when", ["with the head", "while relayed"])
+async def test_an_upstream_that_closes_before_its_content_length_cuts_the_client(
+    raw_server, aiohttp_server, aiohttp_client, caplog, when
+):
+    """A body shorter than its Content-Length is never presented as complete: the client gets the bytes
+    that came, then its connection closes; the access line says the upstream cut it."""
+    caplog.set_level(logging.INFO)
+    sent = 120_000
+
+    async def short(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+        if when == "with the head":
+            writer.write(head + b"s" * sent)
+        else:
+            writer.write(head + b"s" * 1000)
+            for _ in range(4):
+                await asyncio.sleep(0.01)
+                writer.write(b"s" * ((sent - 1000) // 4))
+        await writer.drain()
+        # then the upstream closes (raw_server closes the writer)
+
+    url = await raw_server(short)
+    _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
+    got = await asyncio.wait_for(reader.read(), READ_S)  # to the close
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and header_fields(head)[b"content-length"] == b"1000000"
+    assert got == b"s" * sent
+    for _ in range(100):  # bounded: the line is written once the handler has returned
+        lines = [r for r in caplog.records if r.getMessage() == "request" and r.name.endswith("access")]
+        if lines:
+            break
+        await asyncio.sleep(0.02)
+    (line,) = lines
+    assert (line.fields["bytes"], line.fields["outcome"]) == (sent, "upstream_cut")
+
+
+async def test_a_direct_write_never_goes_past_the_length_the_head_announced(aiohttp_server):
+    """Bytes beyond a relayed head's Content-Length, handed to the direct writer, never reach the client:
+    what follows on the connection is the next real response, not bytes smuggled after the body."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = RelayResponse(200, b"OK", b"", wire.length(10))
+        await response.prepare(request)
+        direct = response.direct_writer()
+        assert direct is not None
+        write, _ = direct
+        write(b"01234")
+        write(b"56789HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    server = await aiohttp_server(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    answers = [await read_response(reader), await read_response(reader)]
+    writer.close()
+    assert [(head.split(b"\r\n")[0], body) for head, body in answers] == [(b"HTTP/1.1 200 OK", b"0123456789")] * 2
