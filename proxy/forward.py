@@ -396,7 +396,7 @@ class Forwarder:
         for name, value in upstream.headers:
             lowered = name.lower()
             if lowered in drop:
-                if lowered == b"connection":
+                if lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                     named |= _named_in_connection((value,))
                 continue
             lines += (name, b": ", value, b"\r\n")
@@ -539,6 +539,10 @@ class Forwarder:
             return response
         await response.write_eof()
         return response
+
+
+# Connection values that name no header but the hop-by-hop ones (the common case: no second pass).
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
 
 
 def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:

@@ -387,7 +387,7 @@ def test_the_fast_access_line_is_the_line_the_record_would_give(fmt, monkeypatch
         log_request(method, path, status, size, seconds, request_id, outcome)
         flush_access_log()
         fields = {"method": method, "path": path, "status": status, "bytes": size}
-        fields["duration_ms"] = round(seconds * 1000, 2)
+        fields["duration_ms"] = round(seconds * 1e5) / 100  # two decimals, rounded as hundredths
         fields["request_id"] = request_id
         if outcome:
             fields["outcome"] = outcome
@@ -444,7 +444,7 @@ def _batch_and_records(fmt: str, batch: list[tuple[Any, ...]]) -> tuple[str, str
         setup_logging("info", fmt, LINE_SECRETS, stream=records)
         for method, path, status, size, seconds, request_id, outcome in batch:
             extra = {"method": method, "path": path, "status": status, "bytes": size}
-            extra |= {"duration_ms": round(seconds * 1000, 2), "request_id": request_id}
+            extra |= {"duration_ms": round(seconds * 1e5) / 100, "request_id": request_id}
             if outcome:
                 extra["outcome"] = outcome
             access_log.info("request", extra={"fields": extra})
@@ -687,3 +687,17 @@ def test_every_log_line_the_readme_quotes_names_a_real_event():
     quoted = set(re.findall(r"(?:`|\dZ )(?:debug|info|warning|error) ([a-z_]+(?:\.[a-z_]+)*)", readme))
     assert len(quoted) >= 10  # the pattern still finds them
     assert sorted(quoted - set(EVENTS)) == []
+
+
+def test_a_batch_longer_than_a_slice_is_written_whole_and_in_order():
+    """Lines queued faster than they are written (more than one slice of a batch) all reach the log,
+    each once, in the order their requests ended."""
+    stream = io.StringIO()
+    setup_logging("info", "text", LINE_SECRETS, stream=stream)
+    total = 5 * proxy.observability.ACCESS_SLICE + 3
+    for n in range(total):
+        log_request("GET", f"/v1/items/{n}", 200, n, 0.001, f"id-{n}")
+    flush_access_log()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" path=")[1].split(" ")[0] for line in lines] == [f"/v1/items/{n}" for n in range(total)]
+    assert all(f"bytes={n} " in line and line.endswith(f"request_id=id-{n}") for n, line in enumerate(lines))
