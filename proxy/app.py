@@ -173,7 +173,8 @@ class Dispatch:
         raw = request.raw_path
         if raw.startswith("/-/") or not raw.startswith("/") or "%" in raw:  # maybe a reserved route
             route = RESERVED.get(request.rel_url.path_safe)
-            if route is not None:
+            # An absolute-form target is a route only when it names this listener; else the forwarder's 400.
+            if route is not None and (raw.startswith("/") or forwarder.origin_form(raw) is not None):
                 return _answered(_reserved(app, request, *route))
         return forwarder.handle(request)
 

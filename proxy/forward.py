@@ -338,13 +338,26 @@ class Forwarder:
         raw = request.raw_path
         if raw.startswith("/"):
             return raw
-        if raw.startswith(("http://", "https://")):  # absolute-form: only for a name we answer to
-            parts = urlsplit(raw)
-            if parts.hostname and self._guard.host_allowed(parts.netloc):
-                rest = raw[len(parts.scheme) + 3 + len(parts.netloc) :]
-                return rest if rest.startswith("/") else "/" + rest
+        rest = self.origin_form(raw)
+        if rest is not None:
+            return rest
+        if raw.startswith(("http://", "https://")):
             raise BadRequest("absolute-form request targets for other hosts are not forwarded (not an open proxy)")
         raise BadRequest(f"request target {raw[:60]!r} is not a path")
+
+    def origin_form(self, raw: str) -> str | None:
+        """The path and query of an absolute-form target that names this listener (``GET
+        http://127.0.0.1:8360/v1/x``, as an HTTP proxy client sends it); None for any other target."""
+        if not raw.startswith(("http://", "https://")):
+            return None
+        try:
+            parts = urlsplit(raw)
+        except ValueError:  # an authority urlsplit cannot read ("http://[::1/x"): not a name we answer to
+            return None
+        if not (parts.hostname and self._guard.host_allowed(parts.netloc)):
+            return None
+        rest = raw[len(parts.scheme) + 3 + len(parts.netloc) :]
+        return rest if rest.startswith("/") else "/" + rest
 
     def _request_head(self, method: str, target: str, raw: RawHeaders, request_id: str, connection: list[str]) -> bytes:
         """Request line, Host and the client's end-to-end headers, as raw bytes; no token, no framing.

@@ -437,6 +437,7 @@ ROUTES = {  # request line (and extra header lines) -> (status, what answered: "
     "reserved": (b"GET /-/healthy HTTP/1.1\r\n", 200, "proxy"),
     "reserved, percent-encoded": (b"GET /-/%68ealthy HTTP/1.1\r\n", 200, "proxy"),
     "reserved, absolute-form": (b"GET http://127.0.0.1/-/healthy HTTP/1.1\r\n", 200, "proxy"),
+    "reserved path, absolute-form for another host": (b"GET http://evil.example/-/status HTTP/1.1\r\n", 400, "proxy"),
     "reserved, with a query": (b"GET /-/healthy?x=1 HTTP/1.1\r\n", 200, "proxy"),
     "reserved, POST": (b"POST /-/status HTTP/1.1\r\nContent-Length: 0\r\n", 405, "proxy"),
     "not reserved: trailing slash": (b"GET /-/healthy/ HTTP/1.1\r\n", 200, "api"),
