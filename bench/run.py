@@ -59,6 +59,7 @@ IDP_DELAY_S = 0.2  # every token request takes this long: a request that waited 
 REFRESH_LIFETIME_S = 4.0  # refreshed at half its lifetime: every 2 s during the refresh run
 STEADY_LIFETIME_S = 3600.0
 PARALLEL_DOWNLOADS = 8
+DOWNLOADS = 5  # per round and streamed target, interleaved
 STREAMED = ("direct", "nginx", "sidecar")  # the reference proxies buffer whole bodies: small ones only
 SAME_CORE = ("nginx", "sidecar", "minimal_proxy")  # c=1 also measured with the proxy on the client's core
 # CPU per request of these is measured in turns (cpu_per_request): the ratios the CPU goals are about.
@@ -506,11 +507,15 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             for t in targets.values():
                 c1[t.name].append(load(t.port, "/small", 1, d, t.pid))
                 c64[t.name].append(load(t.port, "/small", 64, d, t.pid))
-                if t.name in STREAMED:
-                    streams[t.name].append(BIG_BYTES / 1e6 / download(t.port))
                 if t.name in SAME_CORE and t.pid is not None:
                     with pinned_to(t.pid, 1):
                         same_core[t.name].append(load(t.port, "/small", 1, d).p50_us)
+            # A download takes a tenth of a second: several per round, the targets taking turns, so that
+            # one hiccup of a shared machine is not the round's figure.
+            for _ in range(args.downloads):
+                for t in targets.values():
+                    if t.name in STREAMED:
+                        streams[t.name].append(BIG_BYTES / 1e6 / download(t.port))
             print(f"  round {round_no + 1}/{args.rounds} done", file=sys.stderr)
         # CPU per request of the proxies the CPU goals compare, from their turns (cpu_per_request).
         compared = [t for name, t in targets.items() if name in CPU_COMPARED and t.pid is not None]
@@ -647,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {CPU_SLICES})",
     )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
+    parser.add_argument(
+        "--downloads",
+        type=int,
+        default=DOWNLOADS,
+        metavar="K",
+        help=f"100 MiB downloads per round (default {DOWNLOADS})",
+    )
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 download each: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
     parser.add_argument(
@@ -663,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.rounds, args.cpu_slices = 2.0, 1, 2
+        args.duration, args.rounds, args.cpu_slices, args.downloads = 2.0, 1, 2, 1
     results = measure(args)
     r = ratios(results)
     results["ratios"] = r
