@@ -141,11 +141,7 @@ async def test_an_http10_keep_alive_client_can_delimit_a_chunked_response(raw_se
 
     url = await raw_server(slow)
     _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /v1/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
-    rest = await asyncio.wait_for(reader.read(), READ_S)  # ends: the proxy closes the connection
-    writer.close()
+    head, rest = await _head_and_rest(port, b"GET /v1/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
     assert b"Connection: close\r\n" in head and b"transfer-encoding" not in header_fields(head)
     assert rest == b"abcdef"
 
@@ -273,12 +269,7 @@ async def test_a_download_the_client_abandons_is_logged_with_what_was_sent(
     await asyncio.wait_for(reader.readexactly(300_000), READ_S)
     writer.close()
     caplog.set_level(logging.INFO)
-    for _ in range(100):  # bounded: the proxy notices the hang-up within milliseconds
-        lines = [r for r in caplog.records if r.getMessage() == "request" and r.name.endswith("access")]
-        if lines:
-            break
-        await asyncio.sleep(0.02)
-    (line,) = lines
+    line = await _access_line(caplog)  # the proxy notices the hang-up within milliseconds
     assert line.fields["status"] == 200
     assert line.fields["bytes"] >= 200_000
     assert line.fields["outcome"] == "client_gone"
@@ -348,19 +339,10 @@ async def test_an_upstream_that_closes_before_its_content_length_cuts_the_client
 
     url = await raw_server(short)
     _, port = await start_recorded_proxy(aiohttp_server, aiohttp_client, url)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
-    got = await asyncio.wait_for(reader.read(), READ_S)  # to the close
-    writer.close()
+    head, got = await _head_and_rest(port, b"GET /v1/export HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and header_fields(head)[b"content-length"] == b"1000000"
     assert got == b"s" * sent
-    for _ in range(100):  # bounded: the line is written once the handler has returned
-        lines = [r for r in caplog.records if r.getMessage() == "request" and r.name.endswith("access")]
-        if lines:
-            break
-        await asyncio.sleep(0.02)
-    (line,) = lines
+    line = await _access_line(caplog)
     assert (line.fields["bytes"], line.fields["outcome"]) == (sent, "upstream_cut")
 
 
@@ -387,3 +369,24 @@ async def test_a_direct_write_never_goes_past_the_length_the_head_announced(aioh
     answers = [await read_response(reader), await read_response(reader)]
     writer.close()
     assert [(head.split(b"\r\n")[0], body) for head, body in answers] == [(b"HTTP/1.1 200 OK", b"0123456789")] * 2
+
+
+async def _head_and_rest(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """``request`` on a new connection: the response head, and every byte after it until the proxy closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
+    rest = await asyncio.wait_for(reader.read(), READ_S)
+    writer.close()
+    return head, rest
+
+
+async def _access_line(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    """The one access line logged, once the handler has returned (bounded wait)."""
+    for _ in range(100):
+        lines = [r for r in caplog.records if r.getMessage() == "request" and r.name.endswith("access")]
+        if lines:
+            break
+        await asyncio.sleep(0.02)
+    (line,) = lines
+    return line
