@@ -485,13 +485,14 @@ class Connection(asyncio.Protocol):
 class Exchange:
     """The upstream's response: status, raw headers, its framing, and the body to read in chunks."""
 
-    __slots__ = ("_conn", "_pool", "_sender", "_timer", "framing", "headers", "reason", "status")
+    __slots__ = ("_conn", "_ended", "_pool", "_sender", "_timer", "framing", "headers", "reason", "status")
 
     def __init__(self, pool: Pool, conn: Connection, timer: _Idle, sender: asyncio.Task[None] | None = None) -> None:
         self._pool = pool
         self._conn = conn
         self._timer: _Idle | None = timer
         self._sender = sender  # the request body still being sent, if the answer came first
+        self._ended = False  # released with its whole body read (else a read after the release is a failure)
         self.status = conn.status
         self.reason = conn.reason.decode("latin-1")  # the bytes as received, one char each
         self.headers = conn.headers
@@ -509,7 +510,7 @@ class Exchange:
     async def read(self) -> bytes:
         """The next body bytes; b"" at the end. Raises :class:`BodyInterrupted` on a failure."""
         conn = self._conn
-        while self._timer is not None:  # once released (or detached) the connection is not this exchange's
+        while not self._released():
             if conn.chunks:
                 return conn.take()
             if conn.complete:
@@ -529,7 +530,7 @@ class Exchange:
         (the response is released); raises :class:`BodyInterrupted` on a failure, and what ``drain``
         raises (a client gone, a timeout)."""
         conn = self._conn
-        if self._timer is None:  # released (or detached): the connection is not this exchange's
+        if self._released():
             return
         ready = True
         for piece in conn.take_pieces():
@@ -568,10 +569,20 @@ class Exchange:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._ended = self._conn.complete
             if self._sender is not None:
                 self._sender.cancel()  # a no-op once the body was sent
                 self._sender = None
             self._pool.release(self._conn)
+
+    def _released(self) -> bool:
+        """Released (or detached): the connection may be another exchange's by now, so nothing of it is read
+        again. True when the body had ended by then; else a read is a failure, never an early end."""
+        if self._timer is not None:
+            return False
+        if self._ended:
+            return True
+        raise BodyInterrupted("the response was released before its end")
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """After a 101 Switching Protocols (``Pool.request(upgrade=True)``): the connection leaves the pool for

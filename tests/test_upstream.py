@@ -389,3 +389,26 @@ async def test_a_cancelled_waiter_passes_its_wake_up_on():
     finally:
         await pool.close()
         await server.__aexit__()
+
+
+async def test_a_released_response_is_never_read_from_its_connection_again():
+    """Once released, an exchange reads nothing more from its connection, which may already carry the
+    next exchange: its end again if its body had ended, else a failure (never a body cut short that
+    looks complete)."""
+    long = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 10
+    server = await serve(answering(OK, OK, long))
+    pool = pool_for(server, limit=1)
+    first = await pool.request("GET", GET, None)
+    assert await read_all(first) == b"hello"
+    second = await pool.request("GET", GET, None)  # on the connection the first one left
+    assert await first.read() == b""  # not the second one's body
+    assert await read_all(second) == b"hello"
+    third = await pool.request("GET", GET, None)
+    third.release()  # unread: its connection is closed
+    with pytest.raises(BodyInterrupted, match="released before its end"):
+        await third.read()
+    with pytest.raises(BodyInterrupted, match="released before its end"):
+        await third.pipe(lambda data: True, lambda: asyncio.sleep(0))
+    assert server.connections == 1
+    await pool.close()
+    await server.__aexit__()
